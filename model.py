@@ -1,0 +1,414 @@
+"""Llama / Mistral decoder, loaded straight from Hugging Face safetensors checkpoints.
+
+One file, no `transformers`: a config dataclass, the modules in the order data flows through them,
+a static KV cache for decoding, and `Transformer.from_pretrained`. The MLP can run CATS (see cats.py):
+set per-layer thresholds with `model.set_thresholds(...)` and the gate activation is zeroed wherever
+|SiLU(W_gate x)| <= t. W_down is stored neuron-major ([ffn, d], i.e. transposed) so that an active
+neuron's down-projection weights are one contiguous row, which is what the decode kernel reads.
+"""
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from cats import cats_activation
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM")
+
+
+class CheckpointError(Exception):
+    """A checkpoint folder we cannot use; the message says what is wrong and what to do."""
+
+
+@dataclass
+class ModelArgs:
+    dim: int
+    n_layer: int
+    n_head: int
+    n_kv_head: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    norm_eps: float = 1e-5
+    rope_base: float = 10000.0
+    rope_scaling: Optional[dict] = None  # {"rope_type": "llama3" | "linear", ...} as in config.json
+    sliding_window: Optional[int] = None  # Mistral: a token sees at most this many tokens back
+    tie_embeddings: bool = False
+    max_position_embeddings: int = 4096
+    architecture: str = "LlamaForCausalLM"
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        arch = (cfg.get("architectures") or [None])[0]
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise CheckpointError(f"unsupported architecture {arch!r} (model_type {cfg.get('model_type')!r}); "
+                                  f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+        if cfg.get("hidden_act", "silu") != "silu":
+            raise CheckpointError(f"unsupported hidden_act {cfg['hidden_act']!r}: CATS needs a SiLU-gated MLP")
+        if cfg.get("attention_bias") or cfg.get("mlp_bias"):
+            raise CheckpointError("unsupported: attention_bias / mlp_bias are set; Llama and Mistral have no biases")
+        # transformers >= 5 writes rope settings under "rope_parameters"; older checkpoints at the top level.
+        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_base = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", "llama3", "linear"):
+            raise CheckpointError(f"unsupported rope scaling {rope_type!r}; supported: default, llama3, linear")
+        n_head = cfg["num_attention_heads"]
+        eos = cfg.get("eos_token_id")
+        return cls(
+            dim=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"], n_head=n_head,
+            n_kv_head=cfg.get("num_key_value_heads") or n_head,
+            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+            intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
+            norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_base=rope_base,
+            rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},
+            sliding_window=cfg.get("sliding_window") if arch == "MistralForCausalLM" else None,
+            tie_embeddings=cfg.get("tie_word_embeddings", False),
+            max_position_embeddings=cfg.get("max_position_embeddings", 4096), architecture=arch,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=eos[0] if isinstance(eos, list) else eos,
+        )
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    """Rotation frequency of each pair of head dimensions, with Llama-3.1 / linear scaling applied."""
+    inv_freq = 1.0 / (args.rope_base ** (torch.arange(0, args.head_dim, 2, dtype=torch.float32) / args.head_dim))
+    s = args.rope_scaling
+    if s is None:
+        return inv_freq
+    if s["rope_type"] == "linear":
+        return inv_freq / s["factor"]
+    # llama3: leave high frequencies alone, divide low ones by `factor`, interpolate in between.
+    factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+    return torch.where(medium, smoothed, scaled)
+
+
+def rope_cos_sin(inv_freq: Tensor, pos: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    freqs = pos.float()[:, None] * inv_freq[None, :]  # fp32, like the reference, whatever the model dtype
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    # HF checkpoints pair dimension i with i + head_dim/2 ("rotate half"), not adjacent dimensions.
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def attention_mask(q_pos: Tensor, k_pos: Tensor, window: Optional[int]) -> Tensor:
+    """[T, S] bool: query at q_pos may attend key at k_pos (causal, and within the sliding window)."""
+    allowed = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        allowed &= q_pos[:, None] - k_pos[None, :] < window
+    return allowed
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32, scale in the model dtype: the order the reference implementation uses.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class KVCache(nn.Module):
+    def __init__(self, batch: int, n_kv_head: int, max_seq: int, head_dim: int, dtype, device):
+        super().__init__()
+        shape = (batch, n_kv_head, max_seq, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        # index_copy_ rather than slicing with Python ints: input_pos stays on the device, so the
+        # step needs no host sync and can be captured in a CUDA graph.
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        q, kv = args.n_head * args.head_dim, args.n_kv_head * args.head_dim
+        self.wqkv = nn.Linear(args.dim, q + 2 * kv, bias=False)  # q, k, v fused: one GEMV per layer at decode
+        self.wo = nn.Linear(q, args.dim, bias=False)
+        self.kv_cache: Optional[KVCache] = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor], input_pos: Optional[Tensor]) -> Tensor:
+        a = self.args
+        B, T, _ = x.shape
+        q, k, v = self.wqkv(x).split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
+        q = q.view(B, T, a.n_head, a.head_dim).transpose(1, 2)
+        k = k.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2)
+        v = v.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if self.kv_cache is not None and input_pos is not None:
+            k, v = self.kv_cache.update(input_pos, k, v)
+        # mask None means plain causal over exactly these T tokens (lets SDPA pick flash attention).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                           enable_gqa=a.n_kv_head != a.n_head)
+        return self.wo(y.transpose(1, 2).reshape(B, T, a.n_head * a.head_dim))
+
+
+class FeedForward(nn.Module):
+    """SwiGLU MLP, W_down(act(W_gate x) * W_up x), where act is SiLU, or CATS when a threshold is set."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.w_gate = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        self.w_up = nn.Linear(args.dim, args.intermediate_size, bias=False)
+        # Neuron-major W_down ([ffn, d]): row j holds neuron j's output weights, contiguous for the kernel.
+        self.w_down_t = nn.Parameter(torch.empty(args.intermediate_size, args.dim))
+        self.threshold: Optional[Tensor] = None  # 0-d fp32 tensor: CATS on; None: dense
+        self.kernel = "triton"  # at decode on CUDA with a threshold: "triton" (fused kernel) or "torch"
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = self.threshold
+        if t is not None and self.kernel == "triton" and x.is_cuda and x.shape[1] == 1 and x.shape[0] <= 8:
+            from kernel import cats_mlp  # imported lazily: the model itself runs without Triton
+            return cats_mlp(x.view(x.shape[0], -1), self.w_gate.weight, self.w_up.weight, self.w_down_t, t).view_as(x)
+        gate = F.silu(self.w_gate(x))
+        if t is not None:
+            gate = cats_activation(gate, t)
+        return (gate * self.w_up(x)) @ self.w_down_t
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.attention_norm = RMSNorm(args.dim, args.norm_eps)
+        self.attention = Attention(args)
+        self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
+        self.feed_forward = FeedForward(args)
+
+    def forward(self, x, cos, sin, mask, input_pos):
+        h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
+        return h + self.feed_forward(self.ffn_norm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layer))
+        self.norm = RMSNorm(args.dim, args.norm_eps)
+        self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
+        if args.tie_embeddings:
+            self.output.weight = self.tok_embeddings.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.max_seq_length = 0
+
+    def setup_caches(self, max_batch_size: int, max_seq_length: int):
+        """Allocate the static KV cache; afterwards call model(idx, input_pos) to decode."""
+        w = self.tok_embeddings.weight
+        for layer in self.layers:
+            layer.attention.kv_cache = KVCache(max_batch_size, self.args.n_kv_head, max_seq_length,
+                                               self.args.head_dim, w.dtype, w.device)
+        self.max_seq_length = max_seq_length
+
+    def forward(self, idx: Tensor, input_pos: Optional[Tensor] = None) -> Tensor:
+        """idx [B, T] -> logits [B, T, vocab]. Without input_pos: a plain causal forward over idx.
+        With input_pos ([T] positions of these tokens): read and extend the KV cache."""
+        B, T = idx.shape
+        if input_pos is None:
+            pos = torch.arange(T, device=idx.device)
+            window = self.args.sliding_window
+            mask = attention_mask(pos, pos, window) if window is not None and T > window else None
+        else:
+            if self.max_seq_length == 0:
+                raise RuntimeError("call model.setup_caches(max_batch_size, max_seq_length) before decoding with input_pos")
+            pos = input_pos
+            mask = attention_mask(pos, torch.arange(self.max_seq_length, device=idx.device), self.args.sliding_window)
+        x = self.tok_embeddings(idx)
+        cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
+        for layer in self.layers:
+            x = layer(x, cos, sin, mask, input_pos)
+        return self.output(self.norm(x))
+
+    def set_thresholds(self, thresholds: Optional[Tensor], kernel: str = "triton"):
+        """CATS on with one threshold per layer ([n_layer] tensor), or dense again with None.
+        kernel picks the decode path on CUDA: "triton" (skips inactive neurons' weights) or "torch"."""
+        if kernel not in ("triton", "torch"):
+            raise ValueError(f"kernel must be 'triton' or 'torch', not {kernel!r}")
+        if thresholds is not None and thresholds.shape != (self.args.n_layer,):
+            raise ValueError(f"need one threshold per layer ({self.args.n_layer}), got shape {tuple(thresholds.shape)}")
+        for i, layer in enumerate(self.layers):
+            ff = layer.feed_forward
+            ff.kernel = kernel
+            ff.threshold = None if thresholds is None else thresholds[i].to(self.inv_freq.device, torch.float32)
+
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device="cpu", dtype=None) -> "Transformer":
+        """Load a Hugging Face Llama/Mistral folder (config.json + safetensors, sharded or not).
+        Tensors go straight from the file into `dtype` on `device`; the model is built on the meta
+        device first, so no second full copy of the weights is ever made. dtype=None keeps the file's."""
+        ckpt_dir = Path(ckpt_dir)
+        args = ModelArgs.from_hf_config(read_config(ckpt_dir))
+        with torch.device("meta"):
+            model = cls(args)
+        state = load_state_dict(ckpt_dir, args, device, dtype)
+        expected = {k: v.shape for k, v in model.state_dict().items()}
+        if args.tie_embeddings:
+            expected.pop("output.weight")
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise CheckpointError(f"{ckpt_dir}: {len(missing)} weights missing from the safetensors files, "
+                                  f"e.g. {missing[0]}; the download is incomplete or the config does not match")
+        for name, shape in expected.items():
+            if state[name].shape != shape:
+                raise CheckpointError(f"{ckpt_dir}: weight {name} has shape {tuple(state[name].shape)} but "
+                                      f"config.json implies {tuple(shape)}; config and weights disagree")
+        model.load_state_dict(state, strict=False, assign=True)
+        if args.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.inv_freq = rope_inv_freq(args).to(device)
+        return model.eval()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reading a checkpoint folder
+
+def read_config(ckpt_dir: Path) -> dict:
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; pass the folder holding "
+                              f"config.json and *.safetensors")
+    path = ckpt_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; a Hugging Face checkpoint folder needs config.json")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
+
+
+def safetensors_files(ckpt_dir: Path) -> list[Path]:
+    index = ckpt_dir / "model.safetensors.index.json"
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        files = [ckpt_dir / n for n in names]
+    else:
+        files = [ckpt_dir / "model.safetensors"]
+    for f in files:
+        if not f.is_file():
+            if any(ckpt_dir.glob("*.bin")) or any(ckpt_dir.glob("*.pth")):
+                raise CheckpointError(f"{f} is missing; only pickle weights (*.bin/*.pth) are here and they are "
+                                      f"never loaded (unpickling runs code); download the safetensors files")
+            raise CheckpointError(f"{f} is missing; download the model's safetensors weights into {ckpt_dir}")
+    return files
+
+
+# Hugging Face names -> ours. q/k/v are fused into wqkv and W_down is transposed, below.
+HF_NAMES = {
+    "model.embed_tokens.weight": "tok_embeddings.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "output.weight",
+    "self_attn.o_proj.weight": "attention.wo.weight",
+    "mlp.gate_proj.weight": "feed_forward.w_gate.weight",
+    "mlp.up_proj.weight": "feed_forward.w_up.weight",
+    "mlp.down_proj.weight": "feed_forward.w_down_t",
+    "input_layernorm.weight": "attention_norm.weight",
+    "post_attention_layernorm.weight": "ffn_norm.weight",
+}
+
+
+def our_name(hf_name: str) -> Optional[str]:
+    if hf_name in HF_NAMES:
+        return HF_NAMES[hf_name]
+    parts = hf_name.split(".", 3)  # model.layers.{i}.{rest}
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in HF_NAMES:
+        return f"layers.{parts[2]}.{HF_NAMES[parts[3]]}"
+    return None
+
+
+def load_state_dict(ckpt_dir: Path, args: ModelArgs, device, dtype) -> dict[str, Tensor]:
+    from safetensors import SafetensorError, safe_open
+    state, qkv = {}, {}
+    for path in safetensors_files(ckpt_dir):
+        try:
+            with safe_open(str(path), framework="pt", device=str(device)) as f:
+                for hf_name in f.keys():
+                    t = f.get_tensor(hf_name)
+                    t = t.to(dtype) if dtype is not None else t
+                    if ".self_attn." in hf_name and hf_name.split(".")[-2] in ("q_proj", "k_proj", "v_proj"):
+                        qkv[hf_name] = t
+                        continue
+                    name = our_name(hf_name)
+                    if name is None:
+                        if "rotary_emb" in hf_name or (hf_name == "lm_head.weight" and args.tie_embeddings):
+                            continue  # derived or tied tensors some exports carry along
+                        raise CheckpointError(f"{path}: unexpected tensor {hf_name}; is this really a "
+                                              f"{args.architecture} checkpoint?")
+                    state[name] = t.t().contiguous() if name.endswith("w_down_t") else t
+        except (SafetensorError, OSError, RuntimeError) as e:
+            if isinstance(e, CheckpointError):
+                raise
+            raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it is truncated or corrupt, "
+                                  f"re-download it") from None
+    for i in range(args.n_layer):
+        parts = [qkv.pop(f"model.layers.{i}.self_attn.{p}_proj.weight", None) for p in "qkv"]
+        if all(p is not None for p in parts):
+            if parts[0].shape[1] != parts[1].shape[1] or parts[1].shape != parts[2].shape:
+                raise CheckpointError(f"{ckpt_dir}: layer {i} q/k/v projections have shapes "
+                                      f"{[tuple(p.shape) for p in parts]} that disagree with config.json")
+            state[f"layers.{i}.attention.wqkv.weight"] = torch.cat(parts)
+    if qkv:
+        raise CheckpointError(f"{ckpt_dir}: unexpected or incomplete attention tensors, e.g. {next(iter(qkv))}")
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Tokenizer: sentencepiece's tokenizer.model, or tokenizer.json through the optional `tokenizers`.
+
+class Tokenizer:
+    def __init__(self, encode_fn, decode_fn, bos_id, eos_id):
+        self._encode, self._decode = encode_fn, decode_fn
+        self.bos_id, self.eos_id = bos_id, eos_id
+
+    def encode(self, text: str, bos: bool = True) -> list[int]:
+        ids = self._encode(text)
+        return [self.bos_id] + ids if bos and self.bos_id is not None else ids
+
+    def decode(self, ids) -> str:
+        return self._decode(list(ids))
+
+
+def load_tokenizer(ckpt_dir) -> Tokenizer:
+    ckpt_dir = Path(ckpt_dir)
+    cfg = json.loads((ckpt_dir / "config.json").read_text()) if (ckpt_dir / "config.json").is_file() else {}
+    if (ckpt_dir / "tokenizer.model").is_file():
+        from sentencepiece import SentencePieceProcessor
+        sp = SentencePieceProcessor(model_file=str(ckpt_dir / "tokenizer.model"))
+        bos, eos = sp.bos_id(), sp.eos_id()
+        return Tokenizer(sp.encode, sp.decode, bos if bos >= 0 else None, eos if eos >= 0 else None)
+    if (ckpt_dir / "tokenizer.json").is_file():
+        try:
+            from tokenizers import Tokenizer as HFTokenizer
+        except ImportError:
+            raise CheckpointError(f"{ckpt_dir} has only tokenizer.json; `pip install tokenizers` to read it") from None
+        tok = HFTokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
+        eos = cfg.get("eos_token_id")
+        return Tokenizer(lambda s: tok.encode(s, add_special_tokens=False).ids,
+                         lambda ids: tok.decode(ids, skip_special_tokens=False),
+                         cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos)
+    raise CheckpointError(f"no tokenizer in {ckpt_dir}: expected tokenizer.model or tokenizer.json")
