@@ -380,35 +380,39 @@ def load_state_dict(ckpt_dir: Path, args: ModelArgs, device, dtype) -> dict[str,
 # ---------------------------------------------------------------------------------------------------
 # Tokenizer: sentencepiece's tokenizer.model, or tokenizer.json through the optional `tokenizers`.
 
+@dataclass
 class Tokenizer:
-    def __init__(self, encode_fn, decode_fn, bos_id, eos_id):
-        self._encode, self._decode = encode_fn, decode_fn
-        self.bos_id, self.eos_id = bos_id, eos_id
+    encode_fn: object  # (text, bos) -> ids
+    decode_fn: object  # ids -> text
+    bos_id: Optional[int]
+    eos_id: Optional[int]
 
     def encode(self, text: str, bos: bool = True) -> list[int]:
-        ids = self._encode(text)
-        return [self.bos_id] + ids if bos and self.bos_id is not None else ids
+        return self.encode_fn(text, bos)
 
     def decode(self, ids) -> str:
-        return self._decode(list(ids))
+        return self.decode_fn(list(ids))
 
 
 def load_tokenizer(ckpt_dir) -> Tokenizer:
     ckpt_dir = Path(ckpt_dir)
-    cfg = json.loads((ckpt_dir / "config.json").read_text()) if (ckpt_dir / "config.json").is_file() else {}
     if (ckpt_dir / "tokenizer.model").is_file():
         from sentencepiece import SentencePieceProcessor
         sp = SentencePieceProcessor(model_file=str(ckpt_dir / "tokenizer.model"))
         bos, eos = sp.bos_id(), sp.eos_id()
-        return Tokenizer(sp.encode, sp.decode, bos if bos >= 0 else None, eos if eos >= 0 else None)
+        bos, eos = (bos if bos >= 0 else None), (eos if eos >= 0 else None)
+        return Tokenizer(lambda s, b: ([bos] if b and bos is not None else []) + sp.encode(s), sp.decode, bos, eos)
     if (ckpt_dir / "tokenizer.json").is_file():
         try:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
             raise CheckpointError(f"{ckpt_dir} has only tokenizer.json; `pip install tokenizers` to read it") from None
         tok = HFTokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
+        cfg = read_config(ckpt_dir)
         eos = cfg.get("eos_token_id")
-        return Tokenizer(lambda s: tok.encode(s, add_special_tokens=False).ids,
-                         lambda ids: tok.decode(ids, skip_special_tokens=False),
+        # tokenizer.json carries its own rule for the start of a text (Llama-3 adds <|begin_of_text|>,
+        # SmolLM2 adds nothing): bos=True follows that rule, the convention the model was trained with.
+        return Tokenizer(lambda s, b: tok.encode(s, add_special_tokens=b).ids,
+                         lambda ids: tok.decode(ids, skip_special_tokens=True),
                          cfg.get("bos_token_id"), eos[0] if isinstance(eos, list) else eos)
     raise CheckpointError(f"no tokenizer in {ckpt_dir}: expected tokenizer.model or tokenizer.json")
