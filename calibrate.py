@@ -1,0 +1,279 @@
+"""Calibrate CATS thresholds on text, and measure what they do to perplexity.
+
+    python calibrate.py --ckpt DIR --data book.txt --sparsity 0.3 0.5 0.7 0.9
+    python calibrate.py --ckpt DIR --eval wiki.test.txt --sparsity 0 0.5 0.7   # with the thresholds made above
+
+Calibration runs the dense model over --tokens tokens of the --data text, cut into non-overlapping
+--seq-len windows (each starting with BOS when the tokenizer starts texts with one), and keeps one
+histogram of |SiLU(W_gate x)| per layer (cats.py). Every requested sparsity s is read from those
+histograms: layer i's threshold t_i has a fraction s of that layer's calibration activations at or below
+it, within half the mass of one histogram bin (bins are 2^-15 of their value wide), and the realised
+fraction and that bound are printed and stored in the file. Memory is the model plus 8 MiB per layer.
+
+--eval prints perplexity and realised sparsity (the fraction of gate activations CATS zeroes, with CATS
+on in every layer, so deeper layers see the already-sparsified model) for dense and each sparsity.
+"""
+import argparse
+import hashlib
+import math
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from cats import (N_BINS, ThresholdError, abs_histogram, available_sparsities, cats_activation,
+                  default_threshold_path, load_thresholds, model_signature, save_thresholds, thresholds_from_histogram)
+from model import CheckpointError, Transformer, load_tokenizer
+
+DEFAULT_SPARSITIES = [0.3, 0.5, 0.7, 0.9]  # one pass gives any number of levels
+
+
+# ---------------------------------------------------------------------------------------------------
+# Text -> token windows
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def token_windows(tokenizer, files: list[Path], n_tokens, seq_len: int) -> Tensor:
+    """[n_windows, seq_len] token ids: the files' texts, tokenized one after another, cut into full
+    windows (no padding) of at most n_tokens tokens in all (None: as many as the text fills)."""
+    prefix = tokenizer.encode("", bos=True)  # [BOS], or [] where the tokenizer starts texts with nothing
+    body = seq_len - len(prefix)
+    want = None if n_tokens is None else n_tokens // seq_len * body  # text tokens needed
+    ids = []
+    for path in files:
+        # Read no more text than the windows need (16 characters a token is generous for any language).
+        budget = -1 if want is None else 16 * (want - len(ids)) + 1
+        with open(path, encoding="utf-8", errors="replace") as f:
+            ids += tokenizer.encode(f.read(budget), bos=False)
+        if want is not None and len(ids) >= want:
+            break
+    n = len(ids) // body if want is None else min(want, len(ids)) // body
+    if n == 0:
+        raise ValueError(f"{', '.join(map(str, files))}: {len(ids)} tokens, less than one {seq_len}-token "
+                         f"window; give more text or a smaller --seq-len")
+    text = torch.tensor(ids[: n * body]).view(n, body)
+    return torch.cat([torch.tensor(prefix, dtype=text.dtype).expand(n, -1), text], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Running the model over windows
+
+@contextmanager
+def gate_hooks(model: Transformer, fn):
+    """Call fn(i, v) with v = SiLU(W_gate x) of layer i on every forward. SiLU is recomputed from the
+    W_gate output, the same op on the same values as FeedForward, so v is exactly what CATS sees."""
+    handles = [layer.feed_forward.w_gate.register_forward_hook(lambda m, inp, out, i=i: fn(i, F.silu(out)))
+               for i, layer in enumerate(model.layers)]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def run_windows(model: Transformer, windows: Tensor, label: str, fn=None):
+    """model(window) for each window in turn, with progress on stderr; fn(logits, window) sees each."""
+    device = model.inv_freq.device
+    n, seq_len = windows.shape
+    t0, last, tty = time.perf_counter(), 0.0, sys.stderr.isatty()
+    for w in range(n):
+        idx = windows[w : w + 1].to(device)
+        logits = model(idx)
+        if fn is not None:
+            fn(logits, idx)
+        now = time.perf_counter()
+        if now - last > (1 if tty else 10) or w == n - 1:  # a log file gets a line every 10 s
+            last = now
+            rate = (w + 1) * seq_len / (now - t0)
+            line = f"{label}: {w + 1}/{n} windows, {rate:,.0f} tok/s, {(n - w - 1) * seq_len / rate:.0f} s left"
+            print(f"\r{line}" if tty else line, end="" if tty and w < n - 1 else "\n", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def gate_histograms(model: Transformer, windows: Tensor) -> Tensor:
+    """Dense model over the windows -> [n_layer, N_BINS] histograms of |SiLU(W_gate x)| per layer."""
+    model.set_thresholds(None)
+    hist = torch.zeros(model.args.n_layer, N_BINS, dtype=torch.int64, device=model.inv_freq.device)
+
+    def count(i, v):
+        hist[i] += abs_histogram(v)
+
+    def check(out, idx):  # an inf or NaN anywhere in the layers reaches the final hidden state
+        if not torch.isfinite(out).all():
+            raise ValueError(f"the model overflows to inf/NaN in {out.dtype} on this text; use --dtype float32")
+
+    head, model.output = model.output, torch.nn.Identity()  # calibration needs no logits: skip the LM head
+    try:
+        with gate_hooks(model, count):
+            run_windows(model, windows, "calibrating", check)
+    finally:
+        model.output = head
+    return hist.cpu()
+
+
+@torch.no_grad()
+def evaluate(model: Transformer, windows: Tensor, label: str = "evaluating") -> tuple[float, Tensor]:
+    """Perplexity over the windows (every token after a window's first), and the fraction of gate
+    activations that came out zero in each layer, with whatever thresholds the model has set."""
+    n_layer = model.args.n_layer
+    zeros = torch.zeros(n_layer, dtype=torch.float64, device=model.inv_freq.device)
+    seen = torch.zeros(n_layer, dtype=torch.float64, device=model.inv_freq.device)
+    nll = torch.zeros((), dtype=torch.float64, device=model.inv_freq.device)
+
+    def count(i, v):
+        t = model.layers[i].feed_forward.threshold
+        a = v if t is None else cats_activation(v, t)
+        zeros[i] += (a == 0).sum()
+        seen[i] += a.numel()
+
+    def add_loss(logits, idx):
+        nll.add_(F.cross_entropy(logits[0, :-1].float(), idx[0, 1:], reduction="sum").double())
+
+    with gate_hooks(model, count):
+        run_windows(model, windows, label, add_loss)
+    n_pred = windows.shape[0] * (windows.shape[1] - 1)
+    return math.exp(nll.item() / n_pred), (zeros / seen).cpu()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Command line
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--ckpt", required=True, type=Path,
+                   help="Hugging Face checkpoint folder (config.json, *.safetensors, tokenizer)")
+    p.add_argument("--data", nargs="+", type=Path, help="calibration text file(s), UTF-8")
+    p.add_argument("--sparsity", nargs="+", type=float, default=None,
+                   help=f"target sparsities in [0, 1); 0 = dense (default: calibrate {DEFAULT_SPARSITIES}; "
+                        f"evaluate dense and every level in the file)")
+    p.add_argument("--tokens", type=int, default=65536, help="calibration tokens (whole windows, BOS included)")
+    p.add_argument("--seq-len", type=int, default=1024, help="window length, for calibration and --eval")
+    p.add_argument("--out", "--thresholds", dest="out", type=Path, default=None,
+                   help="threshold file that calibration writes and --eval reads "
+                        "(default: CKPT/cats_thresholds.safetensors, where generate.py looks)")
+    p.add_argument("--eval", type=Path, default=None, help="text file to measure perplexity and realised sparsity on")
+    p.add_argument("--eval-tokens", type=int, default=None,
+                   help="evaluate on at most this many tokens (default: the whole file)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: bfloat16 on CUDA, float32 on CPU")
+    args = p.parse_args(argv)
+    args.out = args.out or default_threshold_path(args.ckpt)
+    return args
+
+
+def check_args(args):
+    """Bad input fails here, before anything slow happens, with one line saying what to do."""
+    if args.data is None and args.eval is None:
+        raise ValueError("nothing to do: pass --data FILE to calibrate, --eval FILE to evaluate, or both")
+    for s in args.sparsity or []:
+        if not 0 <= s < 1:
+            raise ValueError(f"--sparsity must be in [0, 1), got {s:g}")
+    if args.seq_len < 2:
+        raise ValueError(f"--seq-len must be at least 2, got {args.seq_len}")
+    if args.data is not None and args.tokens < args.seq_len:
+        raise ValueError(f"--tokens ({args.tokens}) must be at least --seq-len ({args.seq_len})")
+    if args.eval_tokens is not None and args.eval_tokens < args.seq_len:
+        raise ValueError(f"--eval-tokens ({args.eval_tokens}) must be at least --seq-len ({args.seq_len})")
+    for f in (args.data or []) + ([args.eval] if args.eval else []):
+        if not f.is_file():
+            raise ValueError(f"text file {f} does not exist")
+    if args.data is not None:  # find out now, not after an hour of calibration, that --out cannot be written
+        folder = next(p for p in args.out.absolute().parents if p.exists())  # the file's, or where it will be made
+        if args.out.is_dir() or not os.access(folder, os.W_OK):
+            raise ValueError(f"cannot write the threshold file {args.out}; pass --out PATH somewhere writable")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device} asked for, but no CUDA GPU is available; use --device cpu")
+
+
+def calibrate(model, tokenizer, args) -> None:
+    windows = token_windows(tokenizer, args.data, args.tokens, args.seq_len)
+    n_tokens = windows.numel()
+    if n_tokens < args.tokens // args.seq_len * args.seq_len:
+        print(f"note: the data holds only {windows.shape[0]} windows; calibrating on {n_tokens} tokens",
+              file=sys.stderr)
+    levels = sorted({s for s in (args.sparsity or DEFAULT_SPARSITIES) if s > 0})
+    if not levels:
+        print("note: only sparsity 0 (dense) asked for: it needs no thresholds", file=sys.stderr)
+        return
+    hist = gate_histograms(model, windows)
+    thresholds, realised, bound = {}, {}, {}
+    for s in levels:
+        thresholds[s], r, b = thresholds_from_histogram(hist, s)
+        realised[f"{s:g}"], bound[f"{s:g}"] = r.tolist(), b.max().item()
+    meta = {**model_signature(model), "mode": "dense", "tokens": n_tokens, "seq_len": args.seq_len,
+            "data": [{"path": str(f), "sha256": sha256_file(f)} for f in args.data],
+            "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "device": args.device,
+            "realised": realised, "bound": bound}
+    save_thresholds(args.out, thresholds, meta)
+    print(f"wrote {args.out}: {model.args.n_layer} layers x {len(levels)} sparsities, from {n_tokens} tokens "
+          f"({windows.shape[0]} x {args.seq_len})")
+    print("| target | threshold mean (min-max) | realised on calibration, max error | bound |")
+    print("|---|---|---|---|")
+    for s in levels:
+        t, r = thresholds[s], torch.tensor(realised[f"{s:g}"])
+        print(f"| {s:g} | {t.mean():.4g} ({t.min():.4g}-{t.max():.4g}) | {(r - s).abs().max() * 100:.4f} pp "
+              f"| {bound[f'{s:g}'] * 100:.4f} pp |")
+
+
+def evaluate_levels(model, tokenizer, args) -> None:
+    if args.sparsity is None:
+        levels = [0.0] + (available_sparsities(args.out) if args.out.is_file() else [])
+    else:
+        levels = sorted(set([0.0] + args.sparsity))  # dense is always the baseline
+    signature = model_signature(model)
+    thresholds = {s: load_thresholds(args.out, s, signature) for s in levels if s > 0}  # fail before the slow part
+    windows = token_windows(tokenizer, [args.eval], args.eval_tokens, args.seq_len)
+    rows = []
+    for s in levels:
+        model.set_thresholds(thresholds.get(s), kernel="torch")
+        ppl, zeros = evaluate(model, windows, f"evaluating {'dense' if s == 0 else f'sparsity {s:g}'}")
+        rows.append((s, ppl, zeros))
+    model.set_thresholds(None)
+    print(f"{args.eval}: {windows.numel()} tokens ({windows.shape[0]} x {args.seq_len}), "
+          f"{'thresholds ' + str(args.out) if thresholds else 'dense only'}")
+    print("| sparsity | ppl | vs dense | realised sparsity mean | min | max |")
+    print("|---|---|---|---|---|---|")
+    dense_ppl = rows[0][1]
+    for s, ppl, z in rows:
+        print(f"| {'dense' if s == 0 else f'{s:g}'} | {ppl:.3f} | {(ppl / dense_ppl - 1) * 100:+.2f}% "
+              f"| {z.mean():.4f} | {z.min():.4f} | {z.max():.4f} |")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        check_args(args)
+        cuda = torch.device(args.device).type == "cuda"
+        dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if cuda else torch.float32)
+        t0 = time.perf_counter()
+        model = Transformer.from_pretrained(args.ckpt, device=args.device, dtype=dtype)
+        tokenizer = load_tokenizer(args.ckpt)
+        if args.seq_len > model.args.max_position_embeddings:
+            raise ValueError(f"--seq-len {args.seq_len} is longer than the model's context "
+                             f"({model.args.max_position_embeddings}); use a smaller one")
+        print(f"loaded {args.ckpt} ({model.args.architecture}, {args.device}, {dtype}) in "
+              f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        if args.data is not None:
+            calibrate(model, tokenizer, args)
+        if args.eval is not None:
+            evaluate_levels(model, tokenizer, args)
+    except (CheckpointError, ThresholdError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
