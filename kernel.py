@@ -110,11 +110,13 @@ def sum_partials_kernel(part_ptr, out_ptr, N, SPLITS, BLOCK: tl.constexpr):
 # programs to keep every SM busy with loads in flight, few enough that each reads a sizeable chunk.
 
 def gate_up_config(B: int, D: int, F: int) -> dict:
-    return dict(BLOCK_B=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3)
+    if B == 1:
+        return dict(BLOCK_B=16, BLOCK_N=32, BLOCK_K=256, num_warps=4, num_stages=3)
+    return dict(BLOCK_B=16, BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
 def down_config(B: int, D: int, F: int) -> dict:
-    block_d, block_j, programs = (256, 32, 1024) if B <= 2 else (128, 16, 1024)
+    block_d, block_j, programs = (256, 32, 1024) if B == 1 else (128, 16, 1024)
     splits = max(1, min(triton.cdiv(F, block_j), programs // triton.cdiv(D, block_d)))
     rows = triton.cdiv(triton.cdiv(F, splits), block_j) * block_j
     return dict(BLOCK_B=16, BLOCK_D=block_d, BLOCK_J=block_j, ROWS_PER_PROG=rows, SPLITS=triton.cdiv(F, rows),
