@@ -89,7 +89,7 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
         return inv_freq / s["factor"]
     # llama3: leave high frequencies alone, divide low ones by `factor`, interpolate in between.
     factor, lo, hi = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
+    old_len = s.get("original_max_position_embeddings", args.max_position_embeddings)
     wavelen = 2 * math.pi / inv_freq
     scaled = torch.where(wavelen > old_len / lo, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - lo) / (hi - lo)
