@@ -14,6 +14,7 @@ fraction and that bound are printed and stored in the file. Memory is the model 
 on in every layer, so deeper layers see the already-sparsified model) for dense and each sparsity.
 """
 import argparse
+import gzip
 import hashlib
 import math
 import os
@@ -44,9 +45,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def read_text(path: Path, n_chars: int = -1) -> str:
+    """Up to n_chars characters (-1: all) of a UTF-8 text file, gzip-compressed when its name ends in .gz."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8", errors="replace") as f:
+        return f.read(n_chars)
+
+
 def token_windows(tokenizer, files: list[Path], n_tokens, seq_len: int) -> Tensor:
-    """[n_windows, seq_len] token ids: the files' texts, tokenized one after another, cut into full
-    windows (no padding) of at most n_tokens tokens in all (None: as many as the text fills)."""
+    """[n_windows, seq_len] token ids: the files' texts (plain or .gz), tokenized one after another, cut
+    into full windows (no padding) of at most n_tokens tokens in all (None: as many as the text fills)."""
     prefix = tokenizer.encode("", bos=True)  # [BOS], or [] where the tokenizer starts texts with nothing
     body = seq_len - len(prefix)
     want = None if n_tokens is None else n_tokens // seq_len * body  # text tokens needed
@@ -54,8 +62,7 @@ def token_windows(tokenizer, files: list[Path], n_tokens, seq_len: int) -> Tenso
     for path in files:
         # Read no more text than the windows need (16 characters a token is generous for any language).
         budget = -1 if want is None else 16 * (want - len(ids)) + 1
-        with open(path, encoding="utf-8", errors="replace") as f:
-            ids += tokenizer.encode(f.read(budget), bos=False)
+        ids += tokenizer.encode(read_text(path, budget), bos=False)
         if want is not None and len(ids) >= want:
             break
     n = len(ids) // body if want is None else min(want, len(ids)) // body

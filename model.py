@@ -381,6 +381,39 @@ def load_state_dict(ckpt_dir: Path, args: ModelArgs, device, dtype) -> dict[str,
     return state
 
 
+def save_pretrained(model: Transformer, ckpt_dir, config: dict) -> None:
+    """Write `model` into the folder ckpt_dir as a Hugging Face checkpoint, the inverse of from_pretrained:
+    HF names, wqkv split back into q/k/v_proj, w_down_t transposed back to down_proj, no lm_head when the
+    embeddings are tied; one model.safetensors in the weights' own dtype. config: the source checkpoint's
+    config.json (read_config), written back with its dtype set to the weights'. Files are written in
+    place: for an all-or-nothing checkpoint, write into a temporary folder and rename it."""
+    from safetensors.torch import save_file
+    a = model.args
+    ours_to_hf = {ours: hf for hf, ours in HF_NAMES.items()}
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name == "output.weight" and a.tie_embeddings:
+            continue
+        prefix, rest = "", name
+        if name.startswith("layers."):
+            _, i, rest = name.split(".", 2)
+            prefix = f"model.layers.{i}."
+        if rest == "attention.wqkv.weight":
+            q, k, v = t.split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim])
+            tensors.update({f"{prefix}self_attn.{p}_proj.weight": w for p, w in zip("qkv", (q, k, v))})
+        else:
+            tensors[prefix + ours_to_hf[rest]] = t.t() if rest.endswith("w_down_t") else t
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    dtype = str(model.tok_embeddings.weight.dtype).removeprefix("torch.")
+    config = {**config, "dtype": dtype}
+    if "torch_dtype" in config:  # the older name of the same field
+        config["torch_dtype"] = dtype
+    ckpt_dir = Path(ckpt_dir)
+    ckpt_dir.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(ckpt_dir / "model.safetensors"), metadata={"format": "pt"})
+    (ckpt_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
 # ---------------------------------------------------------------------------------------------------
 # Tokenizer: sentencepiece's tokenizer.model, or tokenizer.json through the optional `tokenizers`.
 

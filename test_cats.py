@@ -6,6 +6,7 @@ Triton's CPU interpreter; tests that need ../shared (data, the real SmolLM2 chec
 reason when it is absent.
 """
 import dataclasses
+import gzip
 import hashlib
 import io
 import json
@@ -26,10 +27,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernel.py is imported: Triton reads it then
 
 import calibrate  # noqa: E402
+import finetune  # noqa: E402
 from cats import (ThresholdError, abs_histogram, available_sparsities, cats_activation,  # noqa: E402
                   default_threshold_path, load_thresholds, model_signature, read_threshold_file,
                   save_thresholds, thresholds_from_histogram)
-from model import CheckpointError, Transformer, load_tokenizer, rope_inv_freq  # noqa: E402
+from model import (CheckpointError, Transformer, load_tokenizer, read_config, rope_inv_freq,  # noqa: E402
+                   save_pretrained)
 
 
 # In CI the oracle tests must run: a missing transformers is a broken setup there, not a reason to skip.
@@ -977,3 +980,247 @@ def test_model_decode_through_kernel_matches_torch_path_in_fp32(model):
         logits[path] = torch.cat(steps, dim=1)
     model.set_thresholds(None)
     torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------
+# finetune.py: LoRA, CATS in the training loop, the ReLU baseline, the checkpoint it writes
+
+def fresh(tiny) -> Transformer:
+    """A model of its own: these tests add adapters and change weights, so never the shared `model`."""
+    return Transformer.from_pretrained(tiny[0], dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def tiny_thresholds(tiny, model, tmp_path_factory):
+    """A threshold file for the tiny model at 0.5 and 0.7, made in-process the way calibrate.py makes it."""
+    path = tmp_path_factory.mktemp("thr") / "thr.safetensors"
+    hist = calibrate.gate_histograms(model, calib_windows(tiny))
+    save_thresholds(path, {s: thresholds_from_histogram(hist, s)[0] for s in (0.5, 0.7)},
+                    {**model_signature(model), "mode": "dense", "tokens": CALIB_TOKENS, "seq_len": SEQ_LEN})
+    return path
+
+
+@pytest.mark.parametrize("targets", [["q", "v", "gate", "up", "down"], list(finetune.LORA_TARGETS)])
+@torch.no_grad()
+def test_lora_merge_gives_the_same_logits(tiny, targets):
+    m = fresh(tiny)
+    idx = calib_windows(tiny)[:2, :64]
+    base, before = m(idx), {k: v.clone() for k, v in m.state_dict().items()}
+    params = finetune.add_lora(m, targets, rank=4, alpha=8)
+    g = torch.Generator().manual_seed(0)
+    for p in params:  # B starts at zero; random B and A make every adapter count
+        p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    adapted = m(idx)
+    finetune.merge_lora(m)
+    merged = m(idx)
+    assert not any(torch.nn.utils.parametrize.is_parametrized(mod) for mod in m.modules())
+    assert m.state_dict().keys() == before.keys()  # a plain model again
+    assert (adapted - base).abs().max() > 0.1  # the adapters change the output...
+    torch.testing.assert_close(merged, adapted, rtol=1e-5, atol=1e-5)  # ...and merging keeps that change
+
+    # Each adapter landed on its own weight rows, with the HF LoRA convention (A: input side, B: output side).
+    a = m.args
+    q, kv, s = a.n_head * a.head_dim, a.n_kv_head * a.head_dim, 8 / 4
+    ad = dict(zip(targets, zip(params[0::2], params[1::2])))  # layer 0's adapters, in target order
+    w0, w = before["layers.0.attention.wqkv.weight"], m.layers[0].attention.wqkv.weight
+    for name, rows in [("q", slice(0, q)), ("k", slice(q, q + kv)), ("v", slice(q + kv, q + 2 * kv))]:
+        delta = s * ad[name][1] @ ad[name][0] if name in ad else 0
+        torch.testing.assert_close(w[rows], w0[rows] + delta)
+    da, db = ad["down"]  # down_proj is [d, ffn] in HF; we keep its transpose
+    assert da.shape == (4, a.intermediate_size) and db.shape == (a.dim, 4)
+    torch.testing.assert_close(m.layers[0].feed_forward.w_down_t,
+                               before["layers.0.feed_forward.w_down_t"] + (s * db @ da).T)
+
+
+def test_cats_gradient_is_zero_exactly_where_the_mask_is(tiny, tiny_thresholds):
+    m = fresh(tiny)
+    t = load_thresholds(tiny_thresholds, 0.5, model_signature(m))
+    m.set_thresholds(t, kernel="torch")
+    m.requires_grad_(False)
+    finetune.add_lora(m, ["gate", "up", "down"], rank=4, alpha=8)
+    seen = []  # per layer: gate pre-activation z and up-projection u, with their gradients kept
+
+    def keep(mod, inp, out):
+        out.retain_grad()
+        seen.append(out)
+
+    hooks = [h for layer in m.layers for h in (layer.feed_forward.w_gate.register_forward_hook(keep),
+                                               layer.feed_forward.w_up.register_forward_hook(keep))]
+    idx = calib_windows(tiny)[:2]
+    try:
+        finetune.next_token_loss(m, idx, bf16=False).backward()
+    finally:
+        for h in hooks:
+            h.remove()
+    for i in range(m.args.n_layer):
+        z, u = seen[2 * i], seen[2 * i + 1]
+        # The last position predicts nothing and no later position sees it: it gets no gradient at all.
+        assert not z.grad[:, -1].any() and not u.grad[:, -1].any()
+        kept = F.silu(z.detach()[:, :-1]).abs() > t[i]  # CATS' mask
+        assert 0.3 < kept.double().mean() < 0.7
+        # h = CATS(SiLU(z)) * u: a zeroed neuron passes no gradient to z nor to u; a kept one passes some
+        assert torch.equal(z.grad[:, :-1] != 0, kept) and torch.equal(u.grad[:, :-1] != 0, kept)
+
+
+def test_finetune_cats_end_to_end(tiny, tiny_thresholds, tmp_path, capsys):
+    ckpt, text = tiny
+    data = tmp_path / "train.txt.gz"
+    data.write_bytes(gzip.compress(text.read_bytes()))
+    out, log = tmp_path / "out", tmp_path / "curve.csv"
+    finetune.main(["--ckpt", str(ckpt), "--thresholds", str(tiny_thresholds), "--sparsity", "0.5",
+                   "--data", str(data), "--eval", str(text), "--eval-tokens", "1024", "--seq-len", "128",
+                   "--batch-tokens", "512", "--steps", "12", "--lr", "3e-3", "--lora-rank", "8",
+                   "--eval-every", "6", "--log-every", "3", "--device", "cpu", "--log", str(log), "--out", str(out)])
+    printed = capsys.readouterr()
+    assert "step 12/12" in printed.out and "text ppl" in printed.out  # progress, with held-out perplexity
+
+    rows = finetune.read_curve(log)
+    assert [r["step"] for r in rows] == ["0", "3", "6", "9", "12"]
+    assert rows[-1]["tokens"] == str(12 * 512)
+    evaluated = [r for r in rows if r["ppl_text"]]
+    assert [r["step"] for r in evaluated] == ["0", "6", "12"]
+    assert float(rows[-1]["train_loss"]) < float(rows[1]["train_loss"])  # training reduces the loss
+    assert float(evaluated[-1]["ppl_text"]) < 0.9 * float(evaluated[0]["ppl_text"])
+    assert all(0.3 < float(r["sparsity_text"]) < 0.7 for r in evaluated)  # CATS was on throughout
+
+    # The checkpoint: complete, nothing left beside it, loadable, and the model that was trained.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.csv", "out", "train.txt.gz"]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "cats_thresholds.safetensors",
+            "finetune.csv", "finetune.json"} <= {p.name for p in out.iterdir()}
+    trained = Transformer.from_pretrained(out)
+    assert trained.tok_embeddings.weight.dtype == torch.float32
+    sig = model_signature(trained)
+    assert sig["fingerprint"] != model_signature(fresh(tiny))["fingerprint"]
+    t = load_thresholds(out / "cats_thresholds.safetensors", 0.5, sig)  # re-signed for the new weights
+    assert torch.equal(t, load_thresholds(tiny_thresholds, 0.5, model_signature(fresh(tiny))))  # unchanged
+    _, meta = read_threshold_file(out / "cats_thresholds.safetensors")
+    assert meta["mode"] == "dense" and meta["tokens"] == str(CALIB_TOKENS)  # the calibration's metadata kept
+    assert json.loads(meta["carried_over"])["from_fingerprint"] == model_signature(fresh(tiny))["fingerprint"]
+    assert available_sparsities(out / "cats_thresholds.safetensors") == [0.5]  # only the level it trained with
+    trained.set_thresholds(t, kernel="torch")
+    windows = calibrate.token_windows(load_tokenizer(out), [text], 1024, 128)
+    ppl, _ = finetune.evaluate(trained, windows, 4, bf16=False, relu=False)
+    assert f"{ppl:.4f}" == evaluated[-1]["ppl_text"]
+
+    r = run_generate("--ckpt", out, "--sparsity", "0.5", "--prompt", "ab cd", "--max-new-tokens", 4,
+                     "--device", "cpu", "--temperature", 0)
+    assert r.returncode == 0, r.stderr[-2000:]
+
+    shutil.copy(log, tmp_path / "other.csv")
+    finetune.compare([log, tmp_path / "other.csv"], tmp_path / "both.png")
+    table = capsys.readouterr().out
+    assert "| tokens | curve | other |" in table and f"| 6,144 | {float(evaluated[-1]['ppl_text']):.3f} (" in table
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_save_pretrained_round_trips(tmp_path, tied):
+    src, out = tmp_path / "src", tmp_path / "out"
+    save_hf(src, "LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2, tie_word_embeddings=tied))
+    m = Transformer.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():  # not the file's weights any more, so a copied file would not pass
+        for p in m.parameters():
+            p.add_(0.01 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    save_pretrained(m, out, read_config(src))
+    from safetensors import safe_open
+    with safe_open(str(src / "model.safetensors"), "pt") as a, safe_open(str(out / "model.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys()) and ("lm_head.weight" in b.keys()) != tied
+    back = Transformer.from_pretrained(out)
+    assert back.state_dict().keys() == m.state_dict().keys()
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in m.state_dict().items())
+    idx = torch.randint(0, BASE["vocab_size"], (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = m(idx)
+        torch.testing.assert_close(back(idx), ours, rtol=0, atol=0)
+        assert_close(load_hf(out)(idx).logits, ours)  # transformers reads it as the same model
+
+
+def test_relu_baseline_matches_transformers_and_exports(tiny, tmp_path):
+    need_transformers()
+    ckpt, text = tiny
+    m = fresh(tiny)
+    finetune.use_relu(m)
+    idx = calib_windows(tiny)[:2, :64]
+    relu_hf = transformers.AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32, hidden_act="relu",
+                                                                attn_implementation="eager").eval()
+    with torch.no_grad():
+        assert_close(m(idx), relu_hf(idx).logits)
+
+    out = tmp_path / "out"
+    finetune.main(["--ckpt", str(ckpt), "--activation", "relu", "--data", str(text), "--seq-len", "128",
+                   "--batch-tokens", "256", "--steps", "2", "--lr", "1e-2", "--lora-rank", "4", "--device", "cpu",
+                   "--eval", str(text), "--eval-tokens", "256", "--log", str(tmp_path / "relu.csv"), "--out", str(out)])
+    assert read_config(out)["hidden_act"] == "relu" and not (out / "cats_thresholds.safetensors").exists()
+    check_error(lambda: Transformer.from_pretrained(out), "hidden_act")  # model.py: CATS needs a SiLU MLP
+    rows = finetune.read_curve(tmp_path / "relu.csv")
+    assert float(rows[0]["sparsity_text"]) > 0.3  # ReLU's own zeros are counted
+    # Read as SiLU by our loader, given ReLU back: the same function as transformers reading the export.
+    silu = tmp_path / "silu"
+    shutil.copytree(out, silu)
+    edit_config(silu, hidden_act="silu")
+    trained = Transformer.from_pretrained(silu)
+    finetune.use_relu(trained)
+    with torch.no_grad():
+        assert_close(trained(idx), load_hf(out)(idx).logits)
+        assert (trained(idx) - m(idx)).abs().max() > 1e-3  # and it did train
+
+
+def test_full_finetuning_trains_every_weight_and_leaves_the_source_alone(tiny, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny[0], src)
+    before = (src / "model.safetensors").read_bytes()  # loading may memory-map it: training must not write it
+    finetune.main(["--ckpt", str(src), "--full", "--data", str(tiny[1]), "--seq-len", "128", "--batch-tokens", "256",
+                   "--steps", "2", "--lr", "1e-3", "--device", "cpu", "--log", str(tmp_path / "full.csv"),
+                   "--out", str(tmp_path / "out")])
+    assert (src / "model.safetensors").read_bytes() == before
+    base, trained = fresh(tiny).state_dict(), Transformer.from_pretrained(tmp_path / "out").state_dict()
+    assert all(not torch.equal(trained[k], v) for k, v in base.items())  # norms and embeddings too
+
+
+def test_token_windows_read_gz_as_plain_text(tiny, tmp_path):
+    tok = load_tokenizer(tiny[0])
+    gz = tmp_path / "text.txt.gz"
+    gz.write_bytes(gzip.compress(tiny[1].read_bytes()))
+    for n in (None, 2048):
+        assert torch.equal(calibrate.token_windows(tok, [gz], n, SEQ_LEN), calibrate.token_windows(tok, [tiny[1]], n, SEQ_LEN))
+
+
+def test_interrupted_checkpoint_write_leaves_nothing(tiny, tmp_path, monkeypatch):
+    args = finetune.parse_args(["--ckpt", str(tiny[0]), "--data", str(tiny[1]), "--out", str(tmp_path / "out")])
+
+    def crash_half_way(model, folder, config):
+        (Path(folder) / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(finetune, "save_pretrained", crash_half_way)
+    with pytest.raises(OSError, match="disk full"):
+        finetune.write_checkpoint(fresh(tiny), args, None, [])
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("case", ["sparsity-1", "no-threshold-file", "level-not-in-file", "relu-with-sparsity",
+                                  "missing-data", "missing-ckpt", "out-exists", "batch-not-multiple", "bad-target"])
+def test_finetune_bad_input_fails_cleanly(tiny, tiny_thresholds, tmp_path, capsys, case):
+    ckpt, data = tiny
+    (tmp_path / "taken").mkdir()
+    log = tmp_path / "log.csv"
+    base = ["--ckpt", str(ckpt), "--data", str(data), "--seq-len", "128", "--batch-tokens", "256", "--steps", "2",
+            "--device", "cpu", "--log", str(log)]
+    thr = ["--thresholds", str(tiny_thresholds)]
+    argv, says = {
+        "sparsity-1": (base + thr + ["--sparsity", "1"], "--sparsity must be in [0, 1)"),
+        "no-threshold-file": (base + ["--sparsity", "0.5"], "no threshold file"),
+        "level-not-in-file": (base + thr + ["--sparsity", "0.6"], "holds thresholds for sparsity 0.5, 0.7, not 0.6"),
+        "relu-with-sparsity": (base + thr + ["--sparsity", "0.5", "--activation", "relu"], "drop --sparsity"),
+        "missing-data": (base[:3] + [str(tmp_path / "nope.txt")] + base[4:], "nope.txt does not exist"),
+        "missing-ckpt": (["--ckpt", str(tmp_path / "nockpt")] + base[2:], "does not exist"),
+        "out-exists": (base + ["--out", str(tmp_path / "taken")], "already exists"),
+        "batch-not-multiple": (base + ["--batch-tokens", "300"], "multiple of --seq-len"),
+        "bad-target": (base + ["--lora-targets", "q,gates"], "--lora-targets"),
+    }[case]
+    with pytest.raises(SystemExit) as e:
+        finetune.main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and says in err[-1], err
+    assert all(not l.startswith(("error", "Traceback")) for l in err[:-1])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and not any((tmp_path / "taken").iterdir())
