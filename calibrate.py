@@ -29,7 +29,7 @@ from torch import Tensor
 
 from cats import (N_BINS, ThresholdError, abs_histogram, available_sparsities, cats_activation,
                   default_threshold_path, load_thresholds, model_signature, save_thresholds, thresholds_from_histogram)
-from model import CheckpointError, Transformer, load_tokenizer
+from model import CheckpointError, Transformer, check_device, load_tokenizer
 
 DEFAULT_SPARSITIES = [0.3, 0.5, 0.7, 0.9]  # one pass gives any number of levels
 
@@ -200,9 +200,7 @@ def check_args(args):
         folder = next(p for p in args.out.absolute().parents if p.exists())  # the file's, or where it will be made
         if args.out.is_dir() or not os.access(folder, os.W_OK):
             raise ValueError(f"cannot write the threshold file {args.out}; pass --out PATH somewhere writable")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} asked for, but no CUDA GPU is available; use --device cpu")
+    check_device(args.device)
 
 
 def calibrate(model, tokenizer, args) -> None:

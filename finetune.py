@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 from calibrate import token_windows
 from cats import (DEFAULT_FILENAME, ThresholdError, cats_activation, default_threshold_path, load_thresholds,
                   model_signature, read_threshold_file, save_thresholds)
-from model import CheckpointError, Transformer, load_tokenizer, read_config, save_pretrained
+from model import CheckpointError, Transformer, check_device, load_tokenizer, read_config, save_pretrained
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -395,8 +395,7 @@ def check_args(args):
         folder = next(p for p in path.absolute().parents if p.exists())
         if not os.access(folder, os.W_OK):
             raise ValueError(f"cannot write {path}: {folder} is not writable")
-    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} asked for, but no CUDA GPU is available; use --device cpu")
+    check_device(args.device)
 
 
 def eval_name(path: Path) -> str:

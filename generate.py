@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from model import CheckpointError, Transformer, load_tokenizer
+from model import CheckpointError, Transformer, check_device, load_tokenizer
 
 
 def sample(logits: Tensor, temperature: float, top_k: Optional[int]) -> Tensor:
@@ -109,10 +109,8 @@ def check_args(args):
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device} asked for, but no CUDA GPU is available; use --device cpu")
-    if args.kernel == "triton" and device.type != "cuda":
+    check_device(args.device)
+    if args.kernel == "triton" and torch.device(args.device).type != "cuda":
         raise ValueError("--kernel triton needs a CUDA GPU; use --kernel torch (or drop --kernel) on the CPU")
 
 

@@ -293,6 +293,12 @@ class Transformer(nn.Module):
 # ---------------------------------------------------------------------------------------------------
 # Reading a checkpoint folder
 
+def check_device(device: str) -> None:
+    """For the command lines: a CUDA device on a machine without one fails at once, saying what to do."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+
+
 def read_config(ckpt_dir: Path) -> dict:
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; pass the folder holding "
