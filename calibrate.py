@@ -3,15 +3,24 @@
     python calibrate.py --ckpt DIR --data book.txt --sparsity 0.3 0.5 0.7 0.9
     python calibrate.py --ckpt DIR --eval wiki.test.txt --sparsity 0 0.5 0.7   # with the thresholds made above
 
-Calibration runs the dense model over --tokens tokens of the --data text, cut into non-overlapping
---seq-len windows (each starting with BOS when the tokenizer starts texts with one), and keeps one
-histogram of |SiLU(W_gate x)| per layer (cats.py). Every requested sparsity s is read from those
-histograms: layer i's threshold t_i has a fraction s of that layer's calibration activations at or below
-it, within half the mass of one histogram bin (bins are 2^-15 of their value wide), and the realised
-fraction and that bound are printed and stored in the file. Memory is the model plus 8 MiB per layer.
+Calibration runs the model over --tokens tokens of the --data text, cut into non-overlapping --seq-len
+windows (each starting with BOS when the tokenizer starts texts with one), and keeps a histogram of
+|SiLU(W_gate x)| per layer (cats.py). Layer i's threshold t_i for sparsity s has a fraction s of the
+activations counted at or below it, within half the mass of one histogram bin (bins are 2^-15 of their
+value wide); that realised fraction and the bound are printed and stored in the file. Which activations
+are counted is the --mode:
+
+  sequential (default)  layer i sees the model whose layers 0..i-1 already run CATS at s, as it will in
+                        use, so with CATS on in every layer the realised fraction on the calibration tokens
+                        is the stored one, on target in every layer. One level at a time, layer by layer:
+                        about 1.2 dense forwards per level (W_gate runs twice); memory is the model, one
+                        histogram and the hidden states of all windows ([windows, seq_len, dim]).
+  dense                 every layer sees the dense model, as in the paper: one forward gives every level
+                        (memory: the model plus 8 MiB per layer), but with CATS on in every layer the
+                        deeper layers see shifted activations and fall short of the target.
 
 --eval prints perplexity and realised sparsity (the fraction of gate activations CATS zeroes, with CATS
-on in every layer, so deeper layers see the already-sparsified model) for dense and each sparsity.
+on in every layer) for dense and each sparsity.
 """
 import argparse
 import gzip
@@ -29,9 +38,9 @@ from torch import Tensor
 
 from cats import (N_BINS, ThresholdError, abs_histogram, available_sparsities, cats_activation,
                   default_threshold_path, load_thresholds, model_signature, save_thresholds, thresholds_from_histogram)
-from model import CheckpointError, Transformer, check_device, load_tokenizer
+from model import CheckpointError, Transformer, attention_mask, check_device, load_tokenizer, rope_cos_sin
 
-DEFAULT_SPARSITIES = [0.3, 0.5, 0.7, 0.9]  # one pass gives any number of levels
+DEFAULT_SPARSITIES = [0.3, 0.5, 0.7, 0.9]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -89,22 +98,33 @@ def gate_hooks(model: Transformer, fn):
             h.remove()
 
 
+def progress(label: str, total: int, unit: str, work: float):
+    """step(done) prints "label: done/total unit, rate, time left" on stderr: on a terminal at most once a
+    second, rewriting one line; in a log file a line every 10 s. The last step always prints. `work`: what one
+    step costs in tokens through the whole model (one layer of n is 1/n of a token), for the rate."""
+    t0, last, tty = time.perf_counter(), [0.0], sys.stderr.isatty()
+
+    def step(done: int):
+        now = time.perf_counter()
+        if now - last[0] > (1 if tty else 10) or done == total:
+            last[0] = now
+            rate = done * work / (now - t0)
+            line = f"{label}: {done}/{total} {unit}, {rate:,.0f} tok/s, {(total - done) * work / rate:.0f} s left"
+            print(f"\r{line}" if tty else line, end="" if tty and done < total else "\n", file=sys.stderr, flush=True)
+    return step
+
+
 def run_windows(model: Transformer, windows: Tensor, label: str, fn=None):
     """model(window) for each window in turn, with progress on stderr; fn(logits, window) sees each."""
     device = model.inv_freq.device
     n, seq_len = windows.shape
-    t0, last, tty = time.perf_counter(), 0.0, sys.stderr.isatty()
+    step = progress(label, n, "windows", seq_len)
     for w in range(n):
         idx = windows[w : w + 1].to(device)
         logits = model(idx)
         if fn is not None:
             fn(logits, idx)
-        now = time.perf_counter()
-        if now - last > (1 if tty else 10) or w == n - 1:  # a log file gets a line every 10 s
-            last = now
-            rate = (w + 1) * seq_len / (now - t0)
-            line = f"{label}: {w + 1}/{n} windows, {rate:,.0f} tok/s, {(n - w - 1) * seq_len / rate:.0f} s left"
-            print(f"\r{line}" if tty else line, end="" if tty and w < n - 1 else "\n", file=sys.stderr, flush=True)
+        step(w + 1)
 
 
 @torch.no_grad()
@@ -127,6 +147,54 @@ def gate_histograms(model: Transformer, windows: Tensor) -> Tensor:
     finally:
         model.output = head
     return hist.cpu()
+
+
+@torch.no_grad()
+def sequential_thresholds(model: Transformer, windows: Tensor, sparsity: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Thresholds for one sparsity, layer by layer: layer i's threshold comes from the activations it sees
+    when layers 0..i-1 already run CATS at the same sparsity, which is how it will be used. Returns
+    (t, realised, bound), each [n_layer], as thresholds_from_histogram; realised is then exactly the
+    fraction CATS zeroes on these windows with CATS on in every layer.
+
+    The hidden states of every window are kept for the current layer only ([n_windows, seq_len, dim] in
+    the model dtype, overwritten as each layer finishes), with one histogram. Per layer, two passes over
+    the windows: attention, then |SiLU(W_gate x)| into the histogram; after the threshold is picked, the
+    CATS MLP, which computes W_gate x again (keeping it would take ffn/dim times more memory)."""
+    device = model.inv_freq.device
+    n, seq_len = windows.shape
+    n_layer = model.args.n_layer
+    x = model.tok_embeddings(windows.to(device))
+    # The same positions, rope and mask as Transformer.forward without a KV cache, so the maths is the model's.
+    pos = torch.arange(seq_len, device=device)
+    cos, sin = rope_cos_sin(model.inv_freq, pos, x.dtype)
+    window = model.args.sliding_window
+    mask = attention_mask(pos, pos, window) if window is not None and seq_len > window else None
+    step = progress(f"calibrating {sparsity:g} sequentially", n_layer, "layers", n * seq_len / n_layer)
+    results = []
+    model.set_thresholds(None)
+    try:
+        for i, layer in enumerate(model.layers):
+            ff = layer.feed_forward
+            hist = torch.zeros(N_BINS, dtype=torch.int64, device=device)
+            for w in range(n):  # one window at a time, as model(window) runs: the same values bit for bit
+                h = x[w : w + 1]
+                h.copy_(h + layer.attention(layer.attention_norm(h), cos, sin, mask, None))
+                hist += abs_histogram(F.silu(ff.w_gate(layer.ffn_norm(h))))
+            t, realised, bound = thresholds_from_histogram(hist, sparsity)
+            # CATS on in this layer, for the layers after it. ff itself runs, so the path (and its rounding)
+            # is the one model(window) takes: for windows of 2 or more tokens always plain PyTorch.
+            ff.threshold = t.to(device, torch.float32)
+            for w in range(n):
+                h = x[w : w + 1]
+                h.copy_(h + ff(layer.ffn_norm(h)))
+            if not torch.isfinite(x).all():
+                raise ValueError(f"the model overflows to inf/NaN in {x.dtype} at layer {i} on this text; "
+                                 f"use --dtype float32")
+            results.append((t, realised, bound))
+            step(i + 1)
+    finally:
+        model.set_thresholds(None)
+    return tuple(torch.stack(v) for v in zip(*results))
 
 
 @torch.no_grad()
@@ -164,6 +232,10 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", nargs="+", type=float, default=None,
                    help=f"target sparsities in [0, 1); 0 = dense (default: calibrate {DEFAULT_SPARSITIES}; "
                         f"evaluate dense and every level in the file)")
+    p.add_argument("--mode", choices=["sequential", "dense"], default="sequential",
+                   help="sequential (default): each layer calibrated with the layers before it already running "
+                        "CATS, so the sparsity holds with CATS on; dense: every layer from the dense model, "
+                        "as in the paper (one pass for all levels, but deeper layers then fall short of target)")
     p.add_argument("--tokens", type=int, default=65536, help="calibration tokens (whole windows, BOS included)")
     p.add_argument("--seq-len", type=int, default=1024, help="window length, for calibration and --eval")
     p.add_argument("--out", "--thresholds", dest="out", type=Path, default=None,
@@ -213,18 +285,25 @@ def calibrate(model, tokenizer, args) -> None:
     if not levels:
         print("note: only sparsity 0 (dense) asked for: it needs no thresholds", file=sys.stderr)
         return
-    hist = gate_histograms(model, windows)
+    t0 = time.perf_counter()
+    if args.mode == "dense":
+        hist = gate_histograms(model, windows)
+        results = {s: thresholds_from_histogram(hist, s) for s in levels}
+    else:
+        results = {s: sequential_thresholds(model, windows, s) for s in levels}
+    seconds = time.perf_counter() - t0
     thresholds, realised, bound = {}, {}, {}
-    for s in levels:
-        thresholds[s], r, b = thresholds_from_histogram(hist, s)
-        realised[f"{s:g}"], bound[f"{s:g}"] = r.tolist(), b.max().item()
-    meta = {**model_signature(model), "mode": "dense", "tokens": n_tokens, "seq_len": args.seq_len,
+    for s, (t, r, b) in results.items():
+        thresholds[s], realised[f"{s:g}"], bound[f"{s:g}"] = t, r.tolist(), b.max().item()
+    meta = {**model_signature(model), "mode": args.mode, "tokens": n_tokens, "seq_len": args.seq_len,
             "data": [{"path": str(f), "sha256": sha256_file(f)} for f in args.data],
             "dtype": str(model.tok_embeddings.weight.dtype).removeprefix("torch."), "device": args.device,
             "realised": realised, "bound": bound}
     save_thresholds(args.out, thresholds, meta)
     print(f"wrote {args.out}: {model.args.n_layer} layers x {len(levels)} sparsities, from {n_tokens} tokens "
-          f"({windows.shape[0]} x {args.seq_len})")
+          f"({windows.shape[0]} x {args.seq_len}), {args.mode} mode, {seconds:.1f} s")
+    print("realised: on the calibration tokens, " + ("with the model dense" if args.mode == "dense" else
+                                                     "with CATS on in every layer"))
     print("| target | threshold mean (min-max) | realised on calibration, max error | bound |")
     print("|---|---|---|---|")
     for s in levels:

@@ -792,7 +792,7 @@ def test_calibrate_end_to_end(tiny, tmp_path):
     levels = [0.3, 0.5, 0.7, 0.9]
     r = subprocess.run([sys.executable, str(REPO / "calibrate.py"), "--ckpt", str(ckpt), "--data", str(data),
                         "--tokens", str(CALIB_TOKENS), "--seq-len", str(SEQ_LEN), "--device", "cpu",
-                        "--sparsity", *map(str, levels), "--out", str(out),
+                        "--sparsity", *map(str, levels), "--out", str(out), "--mode", "dense",
                         "--eval", str(data), "--eval-tokens", str(CALIB_TOKENS)],
                        capture_output=True, text=True, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})  # tiny model: threads only contend
@@ -857,6 +857,113 @@ def test_eval_refuses_level_missing_from_file(tiny, tmp_path, model, capsys):
                         "--sparsity", "0.5", "0.6"])
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "holds thresholds for sparsity 0.5, not 0.6" in err and "--sparsity 0.6" in err
+
+
+# ---------------------------------------------------------------------------------------------------
+# calibrate.py --mode sequential: thresholds that hold their sparsity with CATS on in every layer
+
+@pytest.fixture(scope="module")
+def offset_model(tiny):
+    """The tiny model with a vector added to every token embedding (3x the tokens' own spread) and MLP
+    outputs 4x larger. With isotropic random weights CATS hardly moves later layers' activations (RMSNorm
+    removes the scale, and the zeroed terms average out); real models carry a large component common to
+    all tokens, and zeroing small gates changes it. This model does too, so dense-mode thresholds drift."""
+    m = Transformer.from_pretrained(tiny[0], dtype=torch.float32)
+    with torch.no_grad():
+        m.tok_embeddings.weight.add_(0.3 * torch.randn(m.args.dim, generator=torch.Generator().manual_seed(1)))
+        for layer in m.layers:
+            layer.feed_forward.w_down_t.mul_(4)
+    return m
+
+
+def realised_with_cats(model, windows, thresholds):
+    """Fraction of gate activations CATS zeroes in each layer, CATS on in every layer."""
+    try:
+        model.set_thresholds(thresholds, kernel="torch")
+        return calibrate.evaluate(model, windows)[1]
+    finally:
+        model.set_thresholds(None)
+
+
+@torch.no_grad()
+def test_sequential_thresholds_hold_with_cats_on_where_dense_ones_drift(tiny, offset_model):
+    windows = calib_windows(tiny)
+    hist = calibrate.gate_histograms(offset_model, windows)
+    for s in (0.5, 0.7):
+        dense, _, _ = thresholds_from_histogram(hist, s)
+        seq, realised, bound = calibrate.sequential_thresholds(offset_model, windows, s)
+        dense_zeros = realised_with_cats(offset_model, windows, dense)
+        seq_zeros = realised_with_cats(offset_model, windows, seq)
+        assert (dense_zeros - s).abs().max() > 0.01  # dense mode misses by more than a percentage point
+        assert (seq_zeros - s).abs().max() < 1e-3  # sequential: within 0.1 percentage point, every layer
+        assert ((seq_zeros - s).abs() <= bound.double() + 1e-12).all()
+        # The returned fractions are what CATS really zeroes: the calibration ran the model's own maths.
+        assert torch.equal(seq_zeros, realised.double())
+        assert seq[0] == dense[0]  # layer 0 sees the same inputs in both modes
+
+
+@torch.no_grad()
+def test_sequential_calibration_is_the_models_own_maths(tmp_path):
+    """Sliding-window attention (window 8 on 32-token windows) and bf16 as well as fp32: the fractions that
+    sequential calibration stores are exactly those CATS zeroes when the model itself runs, every layer."""
+    save_hf(tmp_path, "MistralConfig", dict(num_key_value_heads=2, sliding_window=8, num_hidden_layers=3))
+    windows = torch.randint(0, BASE["vocab_size"], (4, 32), generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        m = Transformer.from_pretrained(tmp_path, dtype=dtype)
+        for s in (0.5, 0.7):
+            t, realised, _ = calibrate.sequential_thresholds(m, windows, s)
+            assert torch.equal(realised_with_cats(m, windows, t), realised.double()), (dtype, s)
+
+
+def test_sequential_calibration_runs_two_passes_per_layer(tiny, model):
+    windows = calib_windows(tiny)
+    calls = {"attention": [0] * model.args.n_layer, "w_gate": [0] * model.args.n_layer}
+
+    def counter(name, i):
+        def hook(mod, inp, out):
+            calls[name][i] += 1
+        return hook
+
+    handles = []
+    for i, layer in enumerate(model.layers):
+        handles.append(layer.attention.register_forward_hook(counter("attention", i)))
+        handles.append(layer.feed_forward.w_gate.register_forward_hook(counter("w_gate", i)))
+    try:
+        calibrate.sequential_thresholds(model, windows, 0.5)
+    finally:
+        for h in handles:
+            h.remove()
+    n = len(windows)  # attention once per window, W_gate twice (histogram, then the CATS MLP): ~1.2 forwards
+    assert calls == {"attention": [n] * model.args.n_layer, "w_gate": [2 * n] * model.args.n_layer}
+    assert all(layer.feed_forward.threshold is None for layer in model.layers)  # dense again afterwards
+
+
+def test_calibrate_modes_from_the_command_line(tiny, model, tmp_path, capsys):
+    ckpt, data = tiny
+    levels = [0.3, 0.7]
+    common = ["--ckpt", str(ckpt), "--data", str(data), "--tokens", str(CALIB_TOKENS), "--seq-len", str(SEQ_LEN),
+              "--device", "cpu", "--sparsity", *map(str, levels)]
+    calibrate.main(common + ["--out", str(tmp_path / "sequential.safetensors")])  # the default mode
+    out, err = capsys.readouterr()
+    assert "calibrating 0.7 sequentially: 3/3 layers" in err and "sequential mode" in out
+    assert "with CATS on in every layer" in out
+    calibrate.main(common + ["--out", str(tmp_path / "dense.safetensors"), "--mode", "dense"])
+    out, err = capsys.readouterr()
+    assert "calibrating: 16/16 windows" in err and "dense mode" in out
+    windows = calib_windows(tiny)
+    for mode in ("sequential", "dense"):
+        path = tmp_path / f"{mode}.safetensors"
+        _, meta = read_threshold_file(path)
+        assert meta["mode"] == mode  # the file says which mode made it
+        assert available_sparsities(path) == levels
+        realised = json.loads(meta["realised"])
+        for s in levels:
+            zeros = realised_with_cats(model, windows, load_thresholds(path, s, model_signature(model)))
+            if mode == "sequential":  # the stored fractions are what CATS zeroes on the calibration tokens
+                assert zeros.tolist() == realised[f"{s:g}"]
+                assert (zeros - s).abs().max() < 1e-3
+            else:  # the stored fractions are the dense model's; layer 0 sees the same model either way
+                assert zeros[0].item() == realised[f"{s:g}"][0]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1084,7 +1191,8 @@ def test_finetune_cats_end_to_end(tiny, tiny_thresholds, tmp_path, capsys):
     assert all(0.3 < float(r["sparsity_text"]) < 0.7 for r in evaluated)  # CATS was on throughout
 
     # The checkpoint: complete, nothing left beside it, loadable, and the model that was trained.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["curve.csv", "out", "train.txt.gz"]
+    left = sorted(p.name for p in tmp_path.iterdir() if p.name != "curve.png")  # the PNG: when matplotlib is installed
+    assert left == ["curve.csv", "out", "train.txt.gz"]
     assert {"config.json", "model.safetensors", "tokenizer.json", "cats_thresholds.safetensors",
             "finetune.csv", "finetune.json"} <= {p.name for p in out.iterdir()}
     trained = Transformer.from_pretrained(out)
