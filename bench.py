@@ -1,6 +1,7 @@
 """Benchmarks on a CUDA GPU, with random weights of a named shape (no checkpoint needed).
 
     python bench.py mlp                  # MLP: cuBLAS dense vs cats_mlp, sparsity 0-0.9, batch 1-8
+    python bench.py linear               # kernel.linear vs cuBLAS for the other decode projections
     python bench.py decode               # whole model: tok/s dense vs CATS 0.5 / 0.7, 256 tokens
     python bench.py sweep                # launch configurations of the two kernels (see kernel.py)
     python bench.py check                # cats_mlp vs an fp64 reference on the GPU, all dtypes
@@ -14,8 +15,13 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from kernel import cats_mlp, cats_mlp_reference
+import kernel
+from generate import read_bandwidth
+from kernel import cats_mlp, cats_mlp_reference, linear, linear_reference
 from model import ModelArgs, Transformer
+
+CONFIG_FUNCTIONS = ("gate_config", "up_down_config", "reduce_config", "gate_up_config", "down_config")
+DEFAULTS = {fn_name: getattr(kernel, fn_name) for fn_name in CONFIG_FUNCTIONS}  # kernel.py's own choices
 
 # (d, ffn, layers, heads, kv heads, vocab)
 SHAPES = {
@@ -29,11 +35,15 @@ def bench_us(fn, rep=200) -> float:
     return triton.testing.do_bench_cudagraph(fn, rep=rep, return_mode="median") * 1e3
 
 
-def copy_bandwidth() -> float:
-    """Device-to-device copy rate in bytes/s (read + write), our ceiling for memory-bound kernels."""
-    a = torch.randn(1 << 29, dtype=torch.bfloat16, device="cuda")  # 1 GiB, 16-byte vector copies
+def ceilings() -> float:
+    """Print the device-to-device copy rate (read + write) and the read rate of a big sum; return the
+    read rate in bytes/s: weights are only read, so that is the ceiling for a decode step."""
+    a = torch.randn(1 << 29, dtype=torch.bfloat16, device="cuda")  # 1 GiB
     b = torch.empty_like(a)
-    return 2 * a.numel() * 2 / (bench_us(lambda: b.copy_(a)) * 1e-6)
+    copy = 2 * a.numel() * 2 / (bench_us(lambda: b.copy_(a)) * 1e-6)
+    read = read_bandwidth("cuda")
+    print(f"ceilings: device-to-device copy {copy / 1e9:.0f} GB/s (read + write), read {read / 1e9:.0f} GB/s")
+    return read
 
 
 def rotating(fn, copies):
@@ -71,11 +81,12 @@ def rows_needed(x, w_gate, t) -> float:
 
 
 def bench_mlp(args):
-    bw = copy_bandwidth()
-    print(f"device-to-device copy: {bw / 1e9:.0f} GB/s")
+    bw = ceilings()
     print(f"{'shape':<11} {'B':>2} {'target':>6} {'skipped':>7} {'dense us':>9} {'dense_t us':>10} {'cats us':>8} "
-          f"{'x dense':>7} {'limit x':>7} {'GB/s':>6} {'% limit':>7}")
-    print("(skipped: fraction of neurons no token keeps, whose W_up/W_down rows are not read; limit x: 3 / (1 + 2 (1 - skipped)); % limit: x dense / limit x)")
+          f"{'x dense':>7} {'limit x':>7} {'GB/s':>6} {'% of read':>9}")
+    print("(skipped: fraction of neurons no token keeps, whose W_up/W_down rows are not read; limit x: the best "
+          "ratio to dense for the bytes skipped, 3 / (1 + 2 (1 - skipped)); GB/s: bytes needed / time; % of read: "
+          "that over the read ceiling)")
     rows = []
     for name in args.shapes:
         d, ffn = SHAPES[name][:2]
@@ -95,15 +106,25 @@ def bench_mlp(args):
                 limit = 3 / (1 + 2 * need)  # best possible speedup over reading all three matrices
                 rows.append((name, B, s, need, dense, dense_t, us))
                 print(f"{name:<11} {B:>2} {s:>6.2f} {1 - need:>7.3f} {dense:>9.1f} {dense_t:>10.1f} {us:>8.1f} "
-                      f"{dense / us:>7.3f} {limit:>7.3f} {nbytes / us / 1e3:>6.0f} {100 * dense / us / limit:>6.1f}%")
+                      f"{dense / us:>7.3f} {limit:>7.3f} {nbytes / us / 1e3:>6.0f} {100 * nbytes / us / 1e3 / (bw / 1e9):>8.1f}%")
     return rows
 
 
 def bench_sweep(args):
-    """Time the whole cats_mlp over launch configurations (gate_up first, then down with the best
-    gate_up), weights rotated through copies, at 50% sparsity; writes the best to --config-out."""
+    """Time the whole cats_mlp over launch configurations of each kernel in turn (the others at their
+    current best), weights rotated through copies, at 50% sparsity; --config-out writes the best."""
     import json
-    import kernel
+    grids = {  # config function -> candidates; B = 1 uses the first three, B > 1 the next two
+        "gate_config": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in
+                        [(16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8)]],
+        "up_down_config": [dict(BLOCK_J=j, programs=p, num_warps=w) for j, p, w in
+                           [(2, 264, 4), (2, 198, 4), (2, 396, 4), (1, 264, 4), (2, 264, 8)]],
+        "reduce_config": [dict(BLOCK=b, BLOCK_P=p, num_warps=w) for b, p, w in [(32, 16, 8), (64, 64, 4), (32, 64, 8)]],
+        "gate_up_config": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=4, num_stages=st) for n, k, st in
+                           [(32, 128, 4), (64, 128, 4), (32, 256, 3), (64, 256, 3), (128, 128, 4)]],
+        "down_config": [dict(BLOCK_D=bd, BLOCK_J=bj, programs=p) for bd, bj, p in
+                        [(128, 16, 1024), (128, 32, 1024), (256, 32, 1024), (128, 16, 2048), (256, 16, 512)]],
+    }
     best = {}
     for name in args.shapes:
         d, ffn = SHAPES[name][:2]
@@ -112,32 +133,21 @@ def bench_sweep(args):
             x = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
             t = threshold_for(x, ws[0][0], 0.5)
             run = rotating(lambda g, u, dt: kernel.cats_mlp_triton(x, g, u, dt, t), ws)
-            gate_cfgs = [dict(BLOCK_B=16, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=st)
-                         for bn in (16, 32, 64) for bk in (128, 256, 512) for nw in (4, 8) for st in (3, 4)]
-            if B == 1:  # the register path (no tensor cores) only makes sense for one token
-                gate_cfgs += [dict(BLOCK_B=1, BLOCK_N=bn, BLOCK_K=bk, num_warps=nw, num_stages=2)
-                              for bn in (16, 32) for bk in (256, 512) for nw in (4, 8)]
-            down_cfgs = [dict(BLOCK_B=16, BLOCK_D=bd, BLOCK_J=bj, programs=pr, num_warps=nw, num_stages=3)
-                         for bd in (128, 256, 512) for bj in (16, 32, 64) for pr in (1024, 2048) for nw in (4, 8)]
-            default_down = kernel.down_config
-            results = []
-            for c in gate_cfgs:
-                kernel.gate_up_config = lambda *_, c=c: c
-                results.append((time_or_inf(run), c))
-            results.sort(key=lambda r: r[0])
-            g_best = results[0][1]
-            print(f"{name} B={B} gate_up: best {results[0][0]:.1f} us {g_best}; next "
-                  + "; ".join(f"{u:.1f} {c}" for u, c in results[1:4]), flush=True)
-            kernel.gate_up_config = lambda *_: g_best
-            results = []
-            for c in down_cfgs:
-                kernel.down_config = lambda B_, D_, F_, c=c: down_config_for(c, D_, F_)
-                results.append((time_or_inf(run), c))
-            results.sort(key=lambda r: r[0])
-            print(f"{name} B={B} down: best {results[0][0]:.1f} us {results[0][1]}; next "
-                  + "; ".join(f"{u:.1f} {c}" for u, c in results[1:4]), flush=True)
-            best[f"{name} B={B}"] = {"gate_up": g_best, "down": results[0][1], "us": results[0][0]}
-            kernel.down_config = default_down
+            chosen = {}
+            for fn_name in (["gate_config", "up_down_config", "reduce_config"] if B == 1 else
+                            ["gate_up_config", "down_config", "reduce_config"]):
+                results = []
+                for c in grids[fn_name]:
+                    setattr(kernel, fn_name, configured(fn_name, c))
+                    results.append((time_or_inf(run), c))
+                results.sort(key=lambda r: r[0])
+                chosen[fn_name] = results[0][1]
+                setattr(kernel, fn_name, configured(fn_name, results[0][1]))
+                print(f"{name} B={B} {fn_name}: best {results[0][0]:.1f} us {results[0][1]}; next "
+                      + "; ".join(f"{u:.1f} {c}" for u, c in results[1:3]), flush=True)
+            best[f"{name} B={B}"] = dict(chosen, us=results[0][0])
+            for fn_name in chosen:  # back to kernel.py's own, for the next batch size
+                setattr(kernel, fn_name, DEFAULTS[fn_name])
     if args.config_out:
         with open(args.config_out, "w") as f:
             json.dump(best, f, indent=1)
@@ -150,31 +160,72 @@ def time_or_inf(run) -> float:
         return float("inf")
 
 
+def configured(fn_name, c):
+    """A stand-in for kernel.<fn_name> that returns c (down_config: its split count for the shape)."""
+    if fn_name == "down_config":
+        return lambda B, D, F: down_config_for(c, D, F)
+    return lambda *_: dict(c)
+
+
 def down_config_for(c, D, F):
-    """A down-kernel config with its split count worked out for this shape (as kernel.down_config does)."""
     splits = max(1, min(triton.cdiv(F, c["BLOCK_J"]), c["programs"] // triton.cdiv(D, c["BLOCK_D"])))
     rows = triton.cdiv(triton.cdiv(F, splits), c["BLOCK_J"]) * c["BLOCK_J"]
-    return dict(c, ROWS_PER_PROG=rows, SPLITS=triton.cdiv(F, rows))
+    return dict(BLOCK_D=c["BLOCK_D"], BLOCK_J=c["BLOCK_J"], ROWS_PER_PROG=rows, SPLITS=triton.cdiv(F, rows),
+                num_warps=4, num_stages=3)
 
 
 def use_configs(path):
-    """Make cats_mlp use configurations found by `bench.py sweep` (keyed by shape and batch)."""
+    """Make cats_mlp use configurations found by `bench.py sweep`, by shape and batch size (a batch
+    size not swept takes the nearest swept one; shapes not swept keep kernel.py's own)."""
     import json
-    import kernel
-    found = json.load(open(path))
-    by_dims = {(SHAPES[k.split()[0]][0], SHAPES[k.split()[0]][1], int(k.split("B=")[1])): v for k, v in found.items()}
-    def pick(B, D, F, which, default):
-        v = by_dims.get((D, F, B)) or by_dims.get((D, F, 1 if B == 1 else 8))
-        if v is None:
-            return default(B, D, F)
-        return down_config_for(v["down"], D, F) if which == "down" else v["gate_up"]
-    g0, d0 = kernel.gate_up_config, kernel.down_config
-    kernel.gate_up_config = lambda B, D, F: pick(B, D, F, "gate_up", g0)
-    kernel.down_config = lambda B, D, F: pick(B, D, F, "down", d0)
+    found = json.load(open(path))  # {"llama2-7b B=1": {"gate_config": {...}, ..., "us": 59.2}, ...}
+
+    def lookup(fn_name, D, F, B):
+        entries = [(abs(int(key.split(" B=")[1]) - B), v[fn_name]) for key, v in found.items()
+                   if SHAPES[key.split(" B=")[0]][:2] == (D, F) and fn_name in v]
+        return min(entries, key=lambda e: e[0])[1] if entries else None
+
+    def install(fn_name, dims):
+        def pick(*a):
+            c = lookup(fn_name, *dims(*a))
+            return DEFAULTS[fn_name](*a) if c is None else configured(fn_name, c)(*a)
+        setattr(kernel, fn_name, pick)
+    install("gate_config", lambda D, F: (D, F, 1))
+    install("up_down_config", lambda D, F: (D, F, 1))
+    install("gate_up_config", lambda B, D, F: (D, F, B))
+    install("down_config", lambda B, D, F: (D, F, B))
+    reduce = [v["reduce_config"] for v in found.values() if "reduce_config" in v]
+    if reduce:
+        kernel.reduce_config = configured("reduce_config", reduce[0])
+
+
+LINEAR_SHAPES = {  # the decode matrix-vector products besides the MLP: [rows, d]
+    "llama2-7b": [("wqkv", 12288, 4096), ("wo", 4096, 4096), ("output", 32000, 4096)],
+    "mistral-7b": [("wqkv", 6144, 4096), ("wo", 4096, 4096), ("output", 32000, 4096)],
+    "llama2-13b": [("wqkv", 15360, 5120), ("wo", 5120, 5120), ("output", 32000, 5120)],
+}
+
+
+def bench_linear(args):
+    """kernel.linear vs cuBLAS (F.linear) for the attention projections and the LM head."""
+    bw = ceilings()
+    print(f"{'shape':<11} {'matrix':<7} {'B':>2} {'cuBLAS us':>9} {'triton us':>9} {'x cuBLAS':>8} {'GB/s':>6} {'% of read':>9}")
+    for name in args.shapes:
+        for label, n, d in LINEAR_SHAPES[name]:
+            copies = [(torch.randn(n, d, device="cuda", dtype=torch.bfloat16) / d ** 0.5,)
+                      for _ in range(max(2, int(4e8 // (n * d * 2))))]  # > 400 MB in all: no L2 hits
+            for B in args.batch:
+                x = torch.randn(B, d, device="cuda", dtype=torch.bfloat16)
+                cublas = bench_us(rotating(lambda w: F.linear(x, w), copies)) / len(copies)
+                ours = bench_us(rotating(lambda w: linear(x, w), copies)) / len(copies)
+                gbs = n * d * 2 / ours / 1e3
+                print(f"{name:<11} {label:<7} {B:>2} {cublas:>9.1f} {ours:>9.1f} {cublas / ours:>8.3f} {gbs:>6.0f} "
+                      f"{100 * gbs / (bw / 1e9):>8.1f}%", flush=True)
+            del copies
 
 
 def bench_check(args):
-    """cats_mlp on the GPU against fp64, fresh random inputs, outputs poisoned, 0% / ~50% / 100% active."""
+    """cats_mlp and linear on the GPU against fp64, fresh random inputs, 0% / ~50% / 100% active."""
     torch.manual_seed(0)
     worst = {}
     for d, ffn in [(576, 1536), (1000, 2750), (4096, 11008), (4096, 14336), (5120, 13824), (37, 53)]:
@@ -191,9 +242,14 @@ def bench_check(args):
                     err = ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
                     if not torch.isfinite(out).all():
                         err = float("inf")
-                    worst[dtype] = max(worst.get(dtype, 0.0), err if t != float("inf") else out.abs().max().item())
-    for dtype, e in worst.items():
-        print(f"check {dtype}: worst relative error vs fp64 {e:.2e}")
+                    key = ("cats_mlp", dtype)
+                    worst[key] = max(worst.get(key, 0.0), err if t != float("inf") else out.abs().max().item())
+                y = linear(x, w[0])
+                err = ((y.double() - linear_reference(x.double(), w[0].double())).norm() /
+                       linear_reference(x.double(), w[0].double()).norm()).item()
+                worst[("linear", dtype)] = max(worst.get(("linear", dtype), 0.0), err if torch.isfinite(y).all() else float("inf"))
+    for (op, dtype), e in worst.items():
+        print(f"check {op} {dtype}: worst relative error vs fp64 {e:.2e}")
 
 
 def random_model(name: str) -> Transformer:
@@ -218,8 +274,7 @@ def calibrate_in_place(model: Transformer, sparsity: float, tokens: torch.Tensor
         g = F.silu(ff.w_gate(inputs[0])).abs().float().flatten()
         ff.threshold = torch.quantile(g[: 2 ** 24], sparsity).reshape(())
     hooks = [l.feed_forward.register_forward_pre_hook(set_threshold) for l in model.layers]
-    for l in model.layers:
-        l.feed_forward.kernel = "torch"
+    model.set_kernel("torch")
     model(tokens)
     for h in hooks:
         h.remove()
@@ -242,49 +297,50 @@ def decode_sparsity(model: Transformer, prompt: torch.Tensor, n: int) -> float:
 
 
 def bench_decode(args):
-    from generate import decode_one_token, generate
-    bw = copy_bandwidth()
-    print(f"device-to-device copy: {bw / 1e9:.0f} GB/s; prompt {args.prompt_len}, {args.new_tokens} new tokens, "
-          f"cache {args.cache}")
-    print(f"{'shape':<11} {'mode':<16} {'sparsity':>8} {'tok/s':>7} {'x dense':>7} {'GB/tok':>7} {'GB/s':>6} "
-          f"{'limit tok/s':>11} {'% limit':>7}")
-    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    """Decode speed of a whole random-weight model: plain PyTorch (cuBLAS) compiled, ours dense, and ours
+    with CATS; every mode torch.compile(mode="reduce-overhead") (CUDA graphs), timed in the same run."""
+    from generate import decode_one_token, generate, weight_bytes_per_token
+    bw = ceilings() / 1e9
+    print(f"prompt {args.prompt_len}, {args.new_tokens} new tokens, KV cache {args.cache} (read whole by SDPA)")
+    print(f"{'shape':<11} {'mode':<20} {'sparsity':>8} {'tok/s':>7} {'x plain':>7} {'x dense':>7} {'GB/tok':>7} "
+          f"{'GB/s':>6} {'limit tok/s':>11} {'% limit':>7}")
     for name in args.shapes:
         model = random_model(name)
         a = model.args
         torch.manual_seed(0)
         prompt = torch.randint(0, a.vocab_size, (1, args.prompt_len), device="cuda")
         calib = torch.randint(0, a.vocab_size, (1, 256), device="cuda")
-        mlp_bytes = 3 * a.dim * a.intermediate_size * 2 * a.n_layer
-        weight_bytes = sum(p.numel() * 2 for p in model.parameters()) - a.vocab_size * a.dim * 2  # embedding: one row
-        dense_tps = None
-        for mode, s in [("dense", 0.0)] + [("cats-triton", s) for s in args.sparsity]:
-            if mode == "dense":
+        kv = 2 * a.n_layer * a.n_kv_head * a.head_dim * 2 * args.cache / 1e9
+        speed = {}
+        for mode, s in [("plain torch (cuBLAS)", 0.0), ("dense", 0.0)] + [("cats", s) for s in args.sparsity]:
+            if s == 0:
                 model.set_thresholds(None)
                 zeros = 0.0
             else:
                 thr = calibrate_in_place(model, s, calib)
                 model.set_thresholds(thr, kernel="torch")
                 zeros = decode_sparsity(model, prompt, 32)
-                model.set_thresholds(thr, kernel="triton")
+            model.set_kernel("torch" if mode.startswith("plain") else "auto")
+            torch._dynamo.reset()  # a fresh graph for each mode
+            step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
             model.setup_caches(1, args.cache)
             for _ in range(2):  # compile, capture, warm up
                 generate(model, prompt, 16, decode_step=step)
-            torch.cuda.synchronize()
             _, t = generate(model, prompt, args.new_tokens, decode_step=step)
             tps = t["decode_tokens"] / t["decode_s"]
-            dense_tps = dense_tps or tps
-            gb = (weight_bytes - mlp_bytes * 2 / 3 * zeros) / 1e9
-            kv = 2 * a.n_layer * a.n_kv_head * a.head_dim * 2 * args.cache / 1e9  # the static cache is read whole
-            print(f"{name:<11} {mode:<16} {zeros:>8.3f} {tps:>7.1f} {tps / dense_tps:>7.3f} {gb:>7.2f} "
-                  f"{gb * tps:>6.0f} {bw / 1e9 / gb:>11.1f} {100 * tps * gb / (bw / 1e9):>6.1f}%  (+{kv:.2f} GB KV read)")
+            speed[mode] = tps
+            gb = weight_bytes_per_token(model, zeros) / 1e9
+            label = mode if s == 0 else f"cats {s:g} triton"
+            print(f"{name:<11} {label:<20} {zeros:>8.3f} {tps:>7.1f} {tps / speed['plain torch (cuBLAS)']:>7.3f} "
+                  f"{tps / speed.get('dense', tps):>7.3f} {gb:>7.2f} {gb * tps:>6.0f} {bw / gb:>11.1f} "
+                  f"{100 * tps * gb / bw:>6.1f}%  (+{kv:.2f} GB KV cache)", flush=True)
         del model
         torch.cuda.empty_cache()
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["mlp", "decode", "sweep", "check"])
+    p.add_argument("mode", choices=["mlp", "linear", "decode", "sweep", "check"])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9])
@@ -299,7 +355,8 @@ def main():
     if args.config:
         use_configs(args.config)
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16")
-    {"mlp": bench_mlp, "decode": bench_decode, "sweep": bench_sweep, "check": bench_check}[args.mode](args)
+    {"mlp": bench_mlp, "linear": bench_linear, "decode": bench_decode, "sweep": bench_sweep,
+     "check": bench_check}[args.mode](args)
 
 
 if __name__ == "__main__":

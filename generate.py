@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from model import CheckpointError, Transformer, check_device, load_tokenizer
@@ -93,7 +94,7 @@ def parse_args(argv=None):
     p.add_argument("--sparsity", type=float, default=0.0, help="CATS target sparsity in [0, 1); 0 = dense")
     p.add_argument("--thresholds", type=Path, default=None, help="threshold file (default: the one calibrate.py writes)")
     p.add_argument("--kernel", choices=["triton", "torch"], default=None,
-                   help="CATS decode path: triton (default on CUDA) or plain torch (any device)")
+                   help="decode path: triton (kernel.py; the default on CUDA) or plain torch (cuBLAS, CATS by masking)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: bfloat16 on CUDA, float32 on CPU")
@@ -120,7 +121,43 @@ def set_sparsity(model: Transformer, args):
     from cats import default_threshold_path, load_thresholds, model_signature
     path = args.thresholds or default_threshold_path(args.ckpt)
     thresholds = load_thresholds(path, args.sparsity, model_signature(model))
-    model.set_thresholds(thresholds, kernel=args.kernel or ("triton" if model.inv_freq.is_cuda else "torch"))
+    model.set_thresholds(thresholds)
+
+
+@torch.no_grad()
+def mlp_sparsity(model: Transformer, tokens: Tensor) -> Tensor:
+    """Fraction of gate activations CATS zeroes in each layer, over tokens [1, T] in one plain forward:
+    teacher-forced over the generated text, the activations the decode steps saw (up to rounding)."""
+    zeros = []
+    def count(ff, inputs):
+        g = F.silu(ff.w_gate(inputs[0])).abs()
+        zeros.append(0.0 if ff.threshold is None else (g <= ff.threshold).float().mean().item())
+    hooks = [layer.feed_forward.register_forward_pre_hook(count) for layer in model.layers]
+    try:
+        model(tokens)
+    finally:
+        for h in hooks:
+            h.remove()
+    return torch.tensor(zeros)
+
+
+def weight_bytes_per_token(model: Transformer, sparsity: float) -> float:
+    """Bytes of weights one decode step reads at batch 1: every parameter once, but one row of the
+    embedding, and no W_up / W_down rows of zeroed neurons."""
+    a = model.args
+    size = model.tok_embeddings.weight.element_size()
+    total = sum(p.numel() for p in model.parameters()) * size
+    emb = a.vocab_size * a.dim * size * (0 if a.tie_embeddings else 1)  # tied: read whole, as the LM head
+    mlp_skipped = 2 * a.dim * a.intermediate_size * size * a.n_layer * sparsity
+    return total - emb + a.dim * size - mlp_skipped
+
+
+def read_bandwidth(device) -> float:
+    """Bytes/s that one big read (a sum over 1 GiB) reaches: the ceiling for reading weights."""
+    from triton.testing import do_bench_cudagraph
+    a = torch.randn(1 << 29, dtype=torch.bfloat16, device=device)
+    seconds = do_bench_cudagraph(lambda: a.sum(dtype=torch.float32), return_mode="median") * 1e-3
+    return a.numel() * 2 / seconds
 
 
 def main(argv=None):
@@ -131,6 +168,7 @@ def main(argv=None):
         t0 = time.perf_counter()
         model = Transformer.from_pretrained(args.ckpt, device=args.device, dtype=dtype)
         tokenizer = load_tokenizer(args.ckpt)
+        model.set_kernel(args.kernel or "auto")
         set_sparsity(model, args)
         prompt = tokenizer.encode(args.prompt, bos=True)
         context = model.args.max_position_embeddings
@@ -164,13 +202,21 @@ def main(argv=None):
 
     print(printed[0], end="", flush=True)
     torch.manual_seed(args.seed)
-    _, t = generate(model, idx, new_tokens, args.temperature, args.top_k, tokenizer.eos_id, step, stream)
+    tokens, t = generate(model, idx, new_tokens, args.temperature, args.top_k, tokenizer.eos_id, step, stream)
     print()
     print(f"prefill: {t['prefill_tokens']} tokens in {t['prefill_s'] * 1e3:.1f} ms "
           f"({t['prefill_tokens'] / t['prefill_s']:.1f} tok/s)", file=sys.stderr)
     if t["decode_tokens"]:
-        print(f"decode: {t['decode_tokens']} tokens in {t['decode_s'] * 1e3:.1f} ms "
-              f"({t['decode_tokens'] / t['decode_s']:.1f} tok/s)", file=sys.stderr)
+        tps = t["decode_tokens"] / t["decode_s"]
+        zeros = mlp_sparsity(model, tokens[:, :-1])
+        gb = weight_bytes_per_token(model, zeros.mean().item()) / 1e9
+        line = (f"decode: {t['decode_tokens']} tokens in {t['decode_s'] * 1e3:.1f} ms ({tps:.1f} tok/s); MLP sparsity "
+                f"{zeros.mean():.3f} (layers {zeros.min():.3f}-{zeros.max():.3f}); {gb:.3f} GB of weights per token, "
+                f"{gb * tps:.0f} GB/s")
+        if torch.device(args.device).type == "cuda":
+            bw = read_bandwidth(args.device) / 1e9
+            line += f", {100 * gb * tps / bw:.0f}% of the {bw:.0f} GB/s this GPU reads at (limit {bw / gb:.0f} tok/s)"
+        print(line, file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -146,6 +146,23 @@ class KVCache(nn.Module):
         return self.k, self.v
 
 
+def use_kernels(x: Tensor, kernel: str) -> bool:
+    """Whether this step takes kernel.py's Triton decode kernels: x is one new token for each of at most
+    8 sequences, and kernel is "auto" on CUDA, or "triton" on CUDA or under Triton's CPU interpreter
+    (TRITON_INTERPRET=1, as in the tests); never with "torch". Prefill always runs plain PyTorch."""
+    if kernel == "torch" or x.shape[1] != 1 or x.shape[0] > 8:
+        return False
+    return x.is_cuda or (kernel == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
+
+
+def project(layer: nn.Linear, x: Tensor, kernel: str) -> Tensor:
+    """layer(x); at decode, the Triton matrix-vector product (faster than cuBLAS for these shapes)."""
+    if use_kernels(x, kernel):
+        from kernel import linear
+        return linear(x.view(x.shape[0], -1), layer.weight).view(*x.shape[:-1], -1)
+    return layer(x)
+
+
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -154,11 +171,12 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, q + 2 * kv, bias=False)  # q, k, v fused: one GEMV per layer at decode
         self.wo = nn.Linear(q, args.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
+        self.kernel = "auto"
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor], input_pos: Optional[Tensor]) -> Tensor:
         a = self.args
         B, T, _ = x.shape
-        q, k, v = self.wqkv(x).split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
+        q, k, v = project(self.wqkv, x, self.kernel).split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
         q = q.view(B, T, a.n_head, a.head_dim).transpose(1, 2)
         k = k.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2)
         v = v.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2)
@@ -168,7 +186,7 @@ class Attention(nn.Module):
         # mask None means plain causal over exactly these T tokens (lets SDPA pick flash attention).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=a.n_kv_head != a.n_head)
-        return self.wo(y.transpose(1, 2).reshape(B, T, a.n_head * a.head_dim))
+        return project(self.wo, y.transpose(1, 2).reshape(B, T, a.n_head * a.head_dim), self.kernel)
 
 
 class FeedForward(nn.Module):
@@ -181,14 +199,11 @@ class FeedForward(nn.Module):
         # Neuron-major W_down ([ffn, d]): row j holds neuron j's output weights, contiguous for the kernel.
         self.w_down_t = nn.Parameter(torch.empty(args.intermediate_size, args.dim))
         self.threshold: Optional[Tensor] = None  # 0-d fp32 tensor: CATS on; None: dense
-        self.kernel = "triton"  # at decode on CUDA with a threshold: "triton" (fused kernel) or "torch"
+        self.kernel = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         t = self.threshold
-        # The kernel is for decode steps (one new token per sequence) on CUDA; under Triton's CPU
-        # interpreter (TRITON_INTERPRET=1, as in the tests) it runs on CPU tensors too.
-        on_device = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
-        if t is not None and self.kernel == "triton" and on_device and x.shape[1] == 1 and x.shape[0] <= 8:
+        if use_kernels(x, self.kernel):
             from kernel import cats_mlp  # imported lazily: the model itself runs without Triton
             return cats_mlp(x.view(x.shape[0], -1), self.w_gate.weight, self.w_up.weight, self.w_down_t, t).view_as(x)
         gate = F.silu(self.w_gate(x))
@@ -222,6 +237,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
         self.max_seq_length = 0
+        self.kernel = "auto"
 
     def setup_caches(self, max_batch_size: int, max_seq_length: int):
         """Allocate the static KV cache; afterwards call model(idx, input_pos) to decode."""
@@ -248,19 +264,27 @@ class Transformer(nn.Module):
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        return self.output(self.norm(x))
+        return project(self.output, self.norm(x), self.kernel)
 
-    def set_thresholds(self, thresholds: Optional[Tensor], kernel: str = "triton"):
-        """CATS on with one threshold per layer ([n_layer] tensor), or dense again with None.
-        kernel picks the decode path on CUDA: "triton" (skips inactive neurons' weights) or "torch"."""
-        if kernel not in ("triton", "torch"):
-            raise ValueError(f"kernel must be 'triton' or 'torch', not {kernel!r}")
+    def set_thresholds(self, thresholds: Optional[Tensor], kernel: Optional[str] = None):
+        """CATS on with one threshold per layer ([n_layer] tensor), or dense again with None; kernel, if
+        given, as in set_kernel."""
         if thresholds is not None and thresholds.shape != (self.args.n_layer,):
             raise ValueError(f"need one threshold per layer ({self.args.n_layer}), got shape {tuple(thresholds.shape)}")
+        if kernel is not None:
+            self.set_kernel(kernel)
         for i, layer in enumerate(self.layers):
-            ff = layer.feed_forward
-            ff.kernel = kernel
-            ff.threshold = None if thresholds is None else thresholds[i].to(self.inv_freq.device, torch.float32)
+            layer.feed_forward.threshold = None if thresholds is None else thresholds[i].to(self.inv_freq.device, torch.float32)
+
+    def set_kernel(self, kernel: str):
+        """The decode path: "auto" (default: kernel.py's Triton kernels on CUDA, PyTorch elsewhere),
+        "triton" (also on CPU under TRITON_INTERPRET=1), or "torch" (plain PyTorch: cuBLAS, and CATS by
+        masking, which reads every weight)."""
+        if kernel not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', not {kernel!r}")
+        for m in self.modules():
+            if hasattr(m, "kernel"):
+                m.kernel = kernel
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device="cpu", dtype=None) -> "Transformer":

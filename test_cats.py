@@ -5,6 +5,7 @@ calibration, the Triton kernels against their PyTorch references. Without a GPU 
 Triton's CPU interpreter; tests that need ../shared (data, the real SmolLM2 checkpoint) skip with a
 reason when it is absent.
 """
+import copy
 import dataclasses
 import gzip
 import hashlib
@@ -972,6 +973,7 @@ def test_calibrate_modes_from_the_command_line(tiny, model, tmp_path, capsys):
 # kernel.py is imported); on a GPU they run for real.
 
 import kernel  # noqa: E402  (after TRITON_INTERPRET is set)
+import triton  # noqa: E402
 
 KDEV = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.bfloat16: 1e-2, torch.float16: 1e-3, torch.float32: 1e-5}
@@ -1003,38 +1005,60 @@ def threshold_in_gap(x, w_gate, active):
     return float((g[j] + g[j + 1]) / 2)
 
 
-KERNEL_CASES = [  # (d, ffn, B, dtype): odd sizes, SmolLM2's, a 7B shape; every dtype; 1 to 8 tokens
-    (37, 53, 1, torch.float32), (37, 53, 8, torch.bfloat16), (37, 53, 5, torch.float16),
+def poisoned(*shape, dtype=torch.float32):
+    return torch.full(shape, float("nan"), device=KDEV, dtype=dtype)
+
+
+def big_blocks(monkeypatch):
+    """The interpreter pays per program, not per byte: on CPU, the 7B shape runs the same code with
+    fewer, larger blocks."""
+    monkeypatch.setattr(kernel, "gate_config", lambda D, F: dict(BLOCK_N=1024, BLOCK_K=1024, num_warps=4))
+    monkeypatch.setattr(kernel, "up_down_config", lambda D, F: dict(BLOCK_J=64, programs=6, num_warps=4))
+    monkeypatch.setattr(kernel, "gate_up_config", lambda *_: dict(BLOCK_N=512, BLOCK_K=1024, num_warps=4, num_stages=3))
+    monkeypatch.setattr(kernel, "down_config", lambda B, D, F: dict(BLOCK_D=1024, BLOCK_J=1024, ROWS_PER_PROG=4096,
+                                                                    SPLITS=triton.cdiv(F, 4096), num_warps=4, num_stages=3))
+    monkeypatch.setattr(kernel, "linear_config", lambda *_: dict(BLOCK_N=512, BLOCK_K=1024, num_warps=4, num_stages=1,
+                                                                 USE_DOT=True))
+
+
+KERNEL_CASES = [  # (d, ffn, B, dtype): odd sizes, SmolLM2's, 7B shapes; every dtype; 1 to 8 tokens
+    (37, 53, 1, torch.float32), (37, 53, 8, torch.bfloat16), (37, 53, 5, torch.float16), (37, 53, 1, torch.bfloat16),
     (1000, 2750, 3, torch.bfloat16), (1000, 2750, 1, torch.float32), (1000, 2750, 8, torch.float16),
-    (576, 1536, 2, torch.bfloat16), (576, 1536, 7, torch.float32),
-    (4096, 11008, 1, torch.bfloat16),
+    (576, 1536, 2, torch.bfloat16), (576, 1536, 7, torch.float32), (576, 1536, 1, torch.float16),
+    (4096, 11008, 1, torch.bfloat16), (4096, 14336, 1, torch.bfloat16), (4096, 11008, 2, torch.float32),
 ]
 
 
 @pytest.mark.parametrize("d,ffn,B,dtype", KERNEL_CASES)
 def test_cats_mlp_kernels_match_fp64_reference(d, ffn, B, dtype, monkeypatch):
     if KDEV == "cpu" and d * ffn > 4e6:
-        # The interpreter pays per program, not per byte: the same code with fewer, larger blocks.
-        monkeypatch.setattr(kernel, "gate_up_config", lambda *_: dict(BLOCK_B=16, BLOCK_N=512, BLOCK_K=1024, num_warps=4, num_stages=3))
-        monkeypatch.setattr(kernel, "down_config", lambda *_: dict(BLOCK_B=16, BLOCK_D=1024, BLOCK_J=512, ROWS_PER_PROG=2048, SPLITS=6, num_warps=4, num_stages=3))
+        big_blocks(monkeypatch)
     x_of, (w_gate, w_up, w_down_t) = mlp_weights(d, ffn, dtype, seed=d + B)
     x = x_of(B)
     ref_args = [a.double() for a in (x, w_gate, w_up, w_down_t)]
     # 0% and 100% active on the small shapes; the larger ones (slow in the interpreter) at ~50%
     for active in (0.5, 0.0, 1.0, 0.1) if d * ffn < 1e5 or KDEV == "cuda" else (0.5,):
         t = kernel.as_threshold(threshold_in_gap(x, w_gate, active), KDEV)
-        # each stage on its own, its output poisoned with NaN before the launch
-        h = kernel.gate_up(x, w_gate, w_up, t, h=torch.full((B, ffn), float("nan"), device=KDEV))
-        h_ref = kernel.gate_up_reference(ref_args[0], ref_args[1], ref_args[2], t)
-        if active > 0:
-            assert rel_err(h, h_ref) < TOL[dtype]
+        g_ref, need_ref = kernel.gate_reference(ref_args[0], ref_args[1], t)
+        h_ref = kernel.gate_up_reference(*ref_args[:3], t)
+        # each stage on its own, its output poisoned before the launch
+        if B == 1:
+            nb = triton.cdiv(ffn, kernel.gate_config(d, ffn)["BLOCK_N"])
+            n = kernel.gate_config(d, ffn)["BLOCK_N"]
+            idx = torch.full((nb * n,), -7, device=KDEV, dtype=torch.int32)
+            g, idx, cnt = kernel.gate(x, w_gate, t, out=(poisoned(ffn), idx, torch.full((nb,), -7, device=KDEV, dtype=torch.int32)))
+            assert rel_err(g, g_ref[0]) < TOL[dtype] if active > 0 else (g == 0).all()
+            kept = torch.cat([idx[b * n: b * n + cnt[b]] for b in range(nb)]).cpu()  # every block's list, in order
+            torch.testing.assert_close(kept.long(), need_ref.nonzero().flatten().cpu())
+            part = kernel.up_down(x, w_up, w_down_t, g, idx, cnt,
+                                  part=poisoned(kernel.up_down_config(d, ffn)["programs"], d))
         else:
-            assert not torch.isnan(h).any() and (h == 0).all()
-        c = kernel.down_config(B, d, ffn)
-        part = kernel.down(h, w_down_t, part=torch.full((c["SPLITS"], B, d), float("nan"), device=KDEV))
+            h = kernel.gate_up(x, w_gate, w_up, t, h=poisoned(B, ffn))
+            assert rel_err(h, h_ref) < TOL[dtype] if active > 0 else (h == 0).all()
+            part = kernel.down(h, w_down_t, part=poisoned(kernel.down_config(B, d, ffn)["SPLITS"], B, d))
         if active > 0:
-            assert rel_err(part.sum(0), kernel.down_reference(h_ref, ref_args[3])) < TOL[dtype]
-        out = kernel.sum_partials(part, torch.full((B, d), float("nan"), device=KDEV, dtype=dtype))
+            assert rel_err(part.sum(0).view(B, d), kernel.down_reference(h_ref, ref_args[3])) < TOL[dtype]
+        out = kernel.reduce(part, poisoned(B, d, dtype=dtype))
         assert out.dtype == dtype and out.shape == (B, d)
         if active > 0:
             assert rel_err(out, kernel.cats_mlp_reference(*ref_args, t)) < TOL[dtype], active
@@ -1042,6 +1066,28 @@ def test_cats_mlp_kernels_match_fp64_reference(d, ffn, B, dtype, monkeypatch):
             assert (out == 0).all()  # nothing active: nothing read, exact zeros
     # and the public entry point (custom op) on the last threshold
     torch.testing.assert_close(kernel.cats_mlp(x, w_gate, w_up, w_down_t, t), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n,d,B,dtype", [(53, 37, 1, torch.float32), (53, 37, 8, torch.bfloat16), (1000, 576, 3, torch.float16),
+                                         (4096, 4096, 1, torch.bfloat16), (6144, 4096, 1, torch.float32),
+                                         (12288, 4096, 1, torch.bfloat16), (49152, 576, 2, torch.bfloat16)])
+def test_linear_kernel_matches_fp64_reference(n, d, B, dtype, monkeypatch):
+    if KDEV == "cpu" and n * d > 4e6:
+        big_blocks(monkeypatch)
+    g = torch.Generator().manual_seed(n + B)
+    x = torch.randn(B, d, generator=g).to(KDEV, dtype)
+    w = (torch.randn(n, d, generator=g) / d ** 0.5).to(KDEV, dtype)
+    y = kernel.linear(x, w)
+    assert y.dtype == dtype and y.shape == (B, n)
+    assert rel_err(y, kernel.linear_reference(x.double(), w.double())) < TOL[dtype]
+
+
+def test_dense_threshold_none_keeps_every_neuron():
+    x_of, ws = mlp_weights(64, 96, torch.float32, seed=5)
+    for B in (1, 3):
+        x = x_of(B)
+        dense = (F.silu(x.double() @ ws[0].double().T) * (x.double() @ ws[1].double().T)) @ ws[2].double()
+        assert rel_err(kernel.cats_mlp(x, *ws, None), dense) < 1e-5
 
 
 def test_cats_mlp_each_token_keeps_its_own_mask():
@@ -1055,38 +1101,61 @@ def test_cats_mlp_each_token_keeps_its_own_mask():
     assert rel_err(together, kernel.cats_mlp_reference(*(a.double() for a in (x, w_gate, w_up, w_down_t)), t)) < 1e-5
 
 
-def test_cats_mlp_is_a_custom_op_that_compiles_without_graph_breaks():
+def test_kernels_are_custom_ops_that_compile_without_graph_breaks():
     x_of, ws = mlp_weights(64, 96, torch.float32, seed=3)
-    x, t = x_of(2), torch.tensor(0.1, device=KDEV)
-    torch.library.opcheck(torch.ops.cats.mlp.default, (x, *ws, t))
-    compiled = torch.compile(lambda x: kernel.cats_mlp(x, *ws, t) * 2, fullgraph=True, backend="aot_eager")
-    torch.testing.assert_close(compiled(x), kernel.cats_mlp(x, *ws, t) * 2)
+    for B in (1, 2):
+        x, t = x_of(B), torch.tensor(0.1, device=KDEV)
+        torch.library.opcheck(torch.ops.cats.mlp.default, (x, *ws, t))
+        torch.library.opcheck(torch.ops.cats.linear.default, (x, ws[0]))
+        compiled = torch.compile(lambda x: kernel.cats_mlp(x, *ws, t) * 2 + kernel.linear(x, ws[1]).sum(), fullgraph=True,
+                                 backend="aot_eager")
+        torch.testing.assert_close(compiled(x), kernel.cats_mlp(x, *ws, t) * 2 + kernel.linear(x, ws[1]).sum())
 
 
-def test_cats_mlp_rejects_more_than_eight_tokens():
+def test_kernels_reject_bad_shapes():
     x_of, ws = mlp_weights(32, 48, torch.float32, seed=1)
     with pytest.raises(ValueError, match="1 to 8 tokens"):
         kernel.cats_mlp(x_of(9), *ws, 0.1)
+    with pytest.raises(ValueError, match="1 to 8 tokens"):
+        kernel.linear(x_of(9), ws[0])
+    with pytest.raises(ValueError, match="must be"):
+        kernel.cats_mlp(x_of(1), ws[0], ws[1][:, :16].contiguous(), ws[2], 0.1)
 
 
-def test_model_decode_through_kernel_matches_torch_path_in_fp32(model):
-    """With thresholds set, one-token decode steps go through kernel.cats_mlp (here in the interpreter);
-    in fp32 they must give the torch masking path's logits (in bf16 they may not: see README)."""
+@pytest.mark.parametrize("batch", [1, 2])
+def test_model_decode_through_kernels_matches_torch_path_in_fp32(model, batch, monkeypatch):
+    """With kernel "triton", one-token decode steps go through kernel.linear and kernel.cats_mlp (here in
+    the interpreter), dense and with CATS; in fp32 they must give the plain PyTorch path's logits (in
+    bf16 CATS may not: see README)."""
+    if KDEV == "cuda":  # the kernels run on CUDA tensors there; the shared fixture stays on the CPU
+        model = copy.deepcopy(model).to(KDEV)
     torch.manual_seed(0)
-    idx = torch.randint(0, model.args.vocab_size, (2, 12))
+    idx = torch.randint(0, model.args.vocab_size, (batch, 10), device=KDEV)
     with torch.no_grad():
         gates = [F.silu(model.layers[i].feed_forward.w_gate(model.tok_embeddings(idx))).abs().flatten()
                  for i in range(model.args.n_layer)]
-    thresholds = torch.stack([g.median() for g in gates])
-    logits = {}
-    for path in ("torch", "triton"):
-        model.set_thresholds(thresholds, kernel=path)
-        model.setup_caches(2, 12)
-        with torch.no_grad():
-            steps = [model(idx[:, :4], torch.arange(4))] + [model(idx[:, t:t + 1], torch.tensor([t])) for t in range(4, 12)]
-        logits[path] = torch.cat(steps, dim=1)
-    model.set_thresholds(None)
-    torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
+    if KDEV == "cpu":
+        big_blocks(monkeypatch)
+    calls = []
+    for name in ("cats_mlp_triton", "linear_triton"):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    try:
+        for thresholds in (None, torch.stack([g.median() for g in gates]).cpu()):
+            logits = {}
+            for path in ("torch", "triton"):
+                model.set_thresholds(thresholds, kernel=path)
+                model.setup_caches(batch, 10)
+                calls.clear()
+                with torch.no_grad():
+                    steps = [model(idx[:, :4], torch.arange(4, device=KDEV))] + [model(idx[:, t:t + 1], torch.tensor([t], device=KDEV)) for t in range(4, 10)]
+                logits[path] = torch.cat(steps, dim=1)
+                n = model.args.n_layer * 6  # decode steps x layers: one MLP and two projections each
+                assert calls.count("cats_mlp_triton") == (n if path == "triton" else 0)
+                assert calls.count("linear_triton") == (n * 2 + 6 if path == "triton" else 0)
+            torch.testing.assert_close(logits["triton"], logits["torch"], rtol=1e-4, atol=1e-4)
+    finally:
+        model.set_thresholds(None, kernel="auto")
 
 
 # ---------------------------------------------------------------------------------------------------
