@@ -187,7 +187,7 @@ def load_thresholds(path, sparsity: float, expect: Mapping) -> Tensor:
         held = ", ".join(f"{s:g}" for s in held_sparsities(tensors)) or "none"
         raise ThresholdError(f"{path} holds thresholds for sparsity {held}, not {sparsity:g}; run "
                              f"`python calibrate.py --ckpt CKPT_DIR --data TEXT_FILE --sparsity {sparsity:g}` "
-                             f"(list every level you want at once: they come from one pass)")
+                             f"(a new run replaces the file: list every level you want at once)")
     if "n_layer" in meta and t.shape != (int(meta["n_layer"]),):
         raise ThresholdError(f"{path} is damaged: {t.shape} thresholds for {meta['n_layer']} layers; calibrate again")
     return t
