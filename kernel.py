@@ -17,7 +17,7 @@ One token (B = 1): compact, then read only what is needed.
   3. reduce_kernel: adds the partials in a fixed order (deterministic, unlike atomics) and casts.
 
 Several tokens (B = 2..8): a neuron's rows are read when any token keeps it, and the union of B masks
-is nearly dense (at 50% per token, 8 tokens leave 0.4% of neurons unread), so there is little to
+is nearly dense (at 50% per token, 8 tokens leave under 1% of neurons unread), so there is little to
 compact: gate_up_kernel computes gate and up for a block of neurons on the tensor cores (tokens padded
 to 16), skipping W_up rows no token needs; down_kernel reads w_down_t rows where some h != 0, writing a
 partial per slice of neurons; reduce_kernel as above. Each token keeps its own mask either way.
