@@ -163,15 +163,8 @@ def time_or_inf(run) -> float:
 def configured(fn_name, c):
     """A stand-in for kernel.<fn_name> that returns c (down_config: its split count for the shape)."""
     if fn_name == "down_config":
-        return lambda B, D, F: down_config_for(c, D, F)
+        return lambda B, D, F: DEFAULTS["down_config"](B, D, F, c["BLOCK_D"], c["BLOCK_J"], c["programs"])
     return lambda *_: dict(c)
-
-
-def down_config_for(c, D, F):
-    splits = max(1, min(triton.cdiv(F, c["BLOCK_J"]), c["programs"] // triton.cdiv(D, c["BLOCK_D"])))
-    rows = triton.cdiv(triton.cdiv(F, splits), c["BLOCK_J"]) * c["BLOCK_J"]
-    return dict(BLOCK_D=c["BLOCK_D"], BLOCK_J=c["BLOCK_J"], ROWS_PER_PROG=rows, SPLITS=triton.cdiv(F, rows),
-                num_warps=4, num_stages=3)
 
 
 def use_configs(path):
@@ -245,8 +238,8 @@ def bench_check(args):
                     key = ("cats_mlp", dtype)
                     worst[key] = max(worst.get(key, 0.0), err if t != float("inf") else out.abs().max().item())
                 y = linear(x, w[0])
-                err = ((y.double() - linear_reference(x.double(), w[0].double())).norm() /
-                       linear_reference(x.double(), w[0].double()).norm()).item()
+                ref = linear_reference(x.double(), w[0].double())
+                err = ((y.double() - ref).norm() / ref.norm()).item()
                 worst[("linear", dtype)] = max(worst.get(("linear", dtype), 0.0), err if torch.isfinite(y).all() else float("inf"))
     for (op, dtype), e in worst.items():
         print(f"check {op} {dtype}: worst relative error vs fp64 {e:.2e}")

@@ -223,8 +223,8 @@ def gate_up_config(B: int, D: int, F: int) -> dict:
     return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
-def down_config(B: int, D: int, F: int) -> dict:
-    block_d, block_j, programs = 256, 32, 1024
+def down_config(B: int, D: int, F: int, block_d=256, block_j=32, programs=1024) -> dict:
+    """Slices of neurons (SPLITS, ROWS_PER_PROG each) so that about `programs` programs run."""
     splits = max(1, min(triton.cdiv(F, block_j), programs // triton.cdiv(D, block_d)))
     rows = triton.cdiv(triton.cdiv(F, splits), block_j) * block_j
     return dict(BLOCK_D=block_d, BLOCK_J=block_j, ROWS_PER_PROG=rows, SPLITS=triton.cdiv(F, rows),

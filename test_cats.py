@@ -823,6 +823,16 @@ def test_calibrate_end_to_end(tiny, tmp_path):
         assert (zeros - s).abs().max() < 0.05
 
 
+def fails_with_one_line(main, argv, says, capsys):
+    """main(argv) exits 1 having printed one line "error: ... says ..." last, and no other error or traceback."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: ") and says in err[-1], err
+    assert all(not l.startswith(("error", "Traceback")) for l in err[:-1])
+
+
 @pytest.mark.parametrize("case", ["sparsity-1", "sparsity-negative", "missing-data", "missing-eval",
                                   "missing-ckpt", "too-little-text", "no-threshold-file", "nothing-to-do"])
 def test_calibrate_bad_input_fails_cleanly(tiny, tmp_path, capsys, case):
@@ -841,12 +851,7 @@ def test_calibrate_bad_input_fails_cleanly(tiny, tmp_path, capsys, case):
         "no-threshold-file": (base[:2] + ["--eval", str(data)] + base[6:] + ["--sparsity", "0.6"], "no threshold file"),
         "nothing-to-do": (["--ckpt", str(ckpt)], "nothing to do"),
     }[case]
-    with pytest.raises(SystemExit) as e:
-        calibrate.main(argv)
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and says in err[-1], err
-    assert all(not l.startswith(("error", "Traceback")) for l in err[:-1])
+    fails_with_one_line(calibrate.main, argv, says, capsys)
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["short.txt"]
 
 
@@ -1394,10 +1399,5 @@ def test_finetune_bad_input_fails_cleanly(tiny, tiny_thresholds, tmp_path, capsy
         "batch-not-multiple": (base + ["--batch-tokens", "300"], "multiple of --seq-len"),
         "bad-target": (base + ["--lora-targets", "q,gates"], "--lora-targets"),
     }[case]
-    with pytest.raises(SystemExit) as e:
-        finetune.main(argv)
-    assert e.value.code == 1
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: ") and says in err[-1], err
-    assert all(not l.startswith(("error", "Traceback")) for l in err[:-1])
+    fails_with_one_line(finetune.main, argv, says, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and not any((tmp_path / "taken").iterdir())
