@@ -3,6 +3,7 @@
     python bench.py mlp                  # MLP: cuBLAS dense vs cats_mlp, sparsity 0-0.9, batch 1-8
     python bench.py linear               # kernel.linear vs cuBLAS for the other decode projections
     python bench.py decode               # whole model: tok/s dense vs CATS 0.5 / 0.7, 256 tokens
+    python bench.py decode --ckpt DIR    # the same on a real checkpoint
     python bench.py sweep                # launch configurations of the two kernels (see kernel.py)
     python bench.py check                # cats_mlp vs an fp64 reference on the GPU, all dtypes
 
@@ -10,6 +11,7 @@ Timing: CUDA graphs (triton.testing.do_bench_cudagraph), median, after warm-up; 
 table is measured in the same run. Bandwidth limits use the device-to-device copy rate measured first.
 """
 import argparse
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -294,11 +296,12 @@ def bench_decode(args):
     with CATS; every mode torch.compile(mode="reduce-overhead") (CUDA graphs), timed in the same run."""
     from generate import decode_one_token, generate, weight_bytes_per_token
     bw = ceilings() / 1e9
-    print(f"prompt {args.prompt_len}, {args.new_tokens} new tokens, KV cache {args.cache} (read whole by SDPA)")
+    print(f"prompt {args.prompt_len}, {args.new_tokens} new tokens, KV cache {args.cache} (plain torch's SDPA reads all "
+          f"of it; our attention kernel only the filled positions) | programmatic dependent launch: {kernel.USE_PDL}")
     print(f"{'shape':<11} {'mode':<20} {'sparsity':>8} {'tok/s':>7} {'x plain':>7} {'x dense':>7} {'GB/tok':>7} "
           f"{'GB/s':>6} {'limit tok/s':>11} {'% limit':>7}")
-    for name in args.shapes:
-        model = random_model(name)
+    for name in [args.ckpt.name] if args.ckpt else args.shapes:
+        model = Transformer.from_pretrained(args.ckpt, "cuda", torch.bfloat16) if args.ckpt else random_model(name)
         a = model.args
         torch.manual_seed(0)
         prompt = torch.randint(0, a.vocab_size, (1, args.prompt_len), device="cuda")
@@ -340,6 +343,7 @@ def main():
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--cache", type=int, default=1024, help="KV cache length (decode)")
+    p.add_argument("--ckpt", type=Path, help="decode: a real checkpoint folder instead of the random-weight --shapes")
     p.add_argument("--config-out", help="sweep: write the best launch configurations here (JSON)")
     p.add_argument("--config", help="use launch configurations from a sweep's JSON instead of kernel.py's")
     args = p.parse_args()

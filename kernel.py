@@ -25,10 +25,17 @@ partial per slice of neurons; reduce_kernel as above. Each token keeps its own m
 linear_kernel: y = x W^T for the attention projections and the LM head at decode (same GEMV code as the
 gate; faster than cuBLAS for these shapes on the H200, see README).
 
+A decoder layer's RMSNorm is folded into the product after it (`norm_weight`) and its residual add into
+the product before it (`residual`), so a decode layer is 7 kernels: q/k/v, attention + combine, wo,
+gate, up_down, reduce. attention_kernel applies RoPE, writes the new k and v into the cache and attends
+over the filled positions, one query head and one slice of the cache per program (flash-decoding);
+combine_kernel merges the slices.
+
 Nothing here syncs with the host, so a decode step can be captured in a CUDA graph; `cats_mlp` and
 `linear` are torch.library custom ops, so torch.compile(fullgraph=True) captures them too.
 """
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -36,6 +43,18 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+# Programmatic dependent launch (Hopper and later; CATS_PDL=1): each kernel is launched while the one
+# before it is still finishing and waits at its start until that one's writes are visible, which hides
+# the launch gap; a decode layer is 7 kernels of a few microseconds each.
+USE_PDL = os.environ.get("CATS_PDL") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+PDL = tl.constexpr(USE_PDL)
+LAUNCH = {"launch_pdl": True} if USE_PDL else {}
+
+
+@triton.jit
+def wait_for_previous_kernel():
+    if PDL:
+        tl.extra.cuda.gdc_wait()
 
 
 @triton.jit
@@ -49,37 +68,52 @@ def dot(a, b, acc):
 
 
 @triton.jit
-def rows_times_x(w_ptr, rows, row_ok, x_ptr, B, D, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+def rows_times_x(w_ptr, rows, row_ok, x_ptr, B, D, nw_ptr, eps, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                 BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, NORM: tl.constexpr):
     """[BLOCK_B, BLOCK_N] fp32: x [B, D] times rows `rows` of w ([*, D], row-major). Rows not row_ok
-    are not read (masked loads move no bytes) and come out 0."""
+    are not read (masked loads move no bytes) and come out 0. NORM: RMSNorm(x) with weight nw instead of
+    x. Its 1/rms is one number per token, so it factors out of the sum: W (nw * x) / rms(x), and the sum
+    of squares is gathered in the same pass over x."""
     bs = tl.arange(0, BLOCK_B)
     b_ok = bs < B
     if USE_DOT:  # W [BLOCK_N, K] @ x^T [K, BLOCK_B], tokens padded to 16 rows (masked: no bytes)
         acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)  # squares per lane; summed once, at the end
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < D
             w = tl.load(w_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x_t = tl.load(x_ptr + bs[None, :] * D + ks[:, None], mask=b_ok[None, :] & k_ok[:, None], other=0.0)
+            x_t = tl.load(x_ptr + bs[None, :] * D + ks[:, None], mask=b_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
+            if NORM:
+                sq += x_t * x_t
+                x_t = x_t * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[:, None]
             acc = dot(w, x_t.to(w.dtype), acc)
-        return tl.trans(acc)
+        y = tl.trans(acc)
+        ss = tl.sum(sq, axis=0)[:, None]
     else:  # one token, no tensor cores: products accumulate per lane, one reduction at the end
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < D
             w = tl.load(w_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
-            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
-        return tl.sum(acc, axis=1)[None, :]
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            if NORM:
+                sq += x * x
+                x = x * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
+            acc += w.to(tl.float32) * x[None, :]
+        y = tl.sum(acc, axis=1)[None, :]
+        ss = tl.sum(sq, axis=0)
+    if NORM:
+        y = y * tl.rsqrt(ss / D + eps)
+    return y
 
 
 @triton.jit
-def cats(g, thr_ptr, ok):
-    """SiLU, then CATS: keep where |SiLU(g)| > t (compared in fp32)."""
+def cats(g, thr_ptr, ok, SPARSE: tl.constexpr):
+    """SiLU, then CATS: keep where |SiLU(g)| > t (compared in fp32); keep all where not SPARSE."""
     g = g * tl.sigmoid(g)
-    keep = (tl.abs(g) > tl.load(thr_ptr)) & ok
+    keep = ((tl.abs(g) > tl.load(thr_ptr)) & ok) if SPARSE else ok
     return tl.where(keep, g, 0.0), keep
 
 
@@ -87,15 +121,16 @@ def cats(g, thr_ptr, ok):
 # One token: gate + compaction, then up and down over the kept neurons only
 
 @triton.jit
-def gate_kernel(x_ptr, w_gate_ptr, thr_ptr, g_ptr, idx_ptr, cnt_ptr, D, F, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr):
+def gate_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, thr_ptr, g_ptr, idx_ptr, cnt_ptr, D, F, BLOCK_N: tl.constexpr,
+                BLOCK_K: tl.constexpr, NORM: tl.constexpr, SPARSE: tl.constexpr):
     """g [F] fp32 = CATS(SiLU(W_gate x)); idx[pid*BLOCK_N ...] = this block's kept neurons, in order;
     cnt[pid] = how many."""
+    wait_for_previous_kernel()
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < F
-    g = rows_times_x(w_gate_ptr, rows, row_ok, x_ptr, 1, D, BLOCK_N, 1, BLOCK_K, False)
-    g, keep = cats(tl.reshape(g, (BLOCK_N,)), thr_ptr, row_ok)
+    g = rows_times_x(w_gate_ptr, rows, row_ok, x_ptr, 1, D, nw_ptr, eps, BLOCK_N, 1, BLOCK_K, False, NORM)
+    g, keep = cats(tl.reshape(g, (BLOCK_N,)), thr_ptr, row_ok, SPARSE)
     tl.store(g_ptr + rows, g, mask=row_ok)
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(idx_ptr + pid * BLOCK_N + pos, rows, mask=keep)
@@ -113,9 +148,11 @@ def kept_neurons(pos, ok, counts, ends, idx_ptr, GATE_N: tl.constexpr):
 
 
 @triton.jit
-def up_down_kernel(x_ptr, w_up_ptr, w_down_t_ptr, g_ptr, idx_ptr, cnt_ptr, part_ptr, D, NB,
-                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr, GATE_N: tl.constexpr):
+def up_down_kernel(x_ptr, nw_ptr, eps, w_up_ptr, w_down_t_ptr, g_ptr, idx_ptr, cnt_ptr, part_ptr, D, NB,
+                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr, GATE_N: tl.constexpr,
+                   NORM: tl.constexpr):
     """part[pid] = sum over this program's share of kept neurons j of g_j (W_up[j] . x) w_down_t[j]."""
+    wait_for_previous_kernel()
     blocks = tl.arange(0, BLOCK_NB)
     counts = tl.load(cnt_ptr + blocks, mask=blocks < NB, other=0)
     ends = tl.cumsum(counts, axis=0)
@@ -125,6 +162,8 @@ def up_down_kernel(x_ptr, w_up_ptr, w_down_t_ptr, g_ptr, idx_ptr, cnt_ptr, part_
     ds = tl.arange(0, BLOCK_D)  # the whole row: one program owns all d outputs of its neurons
     d_ok = ds < D
     x = tl.load(x_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
+    if NORM:
+        x = x * tl.load(nw_ptr + ds, mask=d_ok, other=0.0).to(tl.float32) * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     js = tl.arange(0, BLOCK_J)
     j = kept_neurons(lo + js, lo + js < hi, counts, ends, idx_ptr, GATE_N)
@@ -146,19 +185,21 @@ def up_down_kernel(x_ptr, w_up_ptr, w_down_t_ptr, g_ptr, idx_ptr, cnt_ptr, part_
 # Several tokens: fused gate + masked up per block of neurons, then down per slice of neurons
 
 @triton.jit
-def gate_up_kernel(x_ptr, w_gate_ptr, w_up_ptr, thr_ptr, h_ptr, B, D, F,
-                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def gate_up_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, w_up_ptr, thr_ptr, h_ptr, B, D, F,
+                   BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NORM: tl.constexpr,
+                   SPARSE: tl.constexpr):
     """h [B, F] fp32 = CATS(SiLU(x W_gate^T)) * (x W_up^T), W_up rows read only where some token keeps."""
+    wait_for_previous_kernel()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < F
     bs = tl.arange(0, BLOCK_B)
     b_ok = bs < B
-    g = rows_times_x(w_gate_ptr, rows, row_ok, x_ptr, B, D, BLOCK_N, BLOCK_B, BLOCK_K, True)
-    g, keep = cats(g, thr_ptr, b_ok[:, None] & row_ok[None, :])  # each token its own mask
+    g = rows_times_x(w_gate_ptr, rows, row_ok, x_ptr, B, D, nw_ptr, eps, BLOCK_N, BLOCK_B, BLOCK_K, True, NORM)
+    g, keep = cats(g, thr_ptr, b_ok[:, None] & row_ok[None, :], SPARSE)  # each token its own mask
     need = tl.max(keep.to(tl.int32), axis=0) > 0
     u = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     if tl.max(need.to(tl.int32), axis=0) > 0:  # whole block unneeded: skip the loop, not just the bytes
-        u = rows_times_x(w_up_ptr, rows, need, x_ptr, B, D, BLOCK_N, BLOCK_B, BLOCK_K, True)
+        u = rows_times_x(w_up_ptr, rows, need, x_ptr, B, D, nw_ptr, eps, BLOCK_N, BLOCK_B, BLOCK_K, True, NORM)
     tl.store(h_ptr + bs[:, None] * F + rows[None, :], g * u, mask=b_ok[:, None] & row_ok[None, :])
 
 
@@ -166,6 +207,7 @@ def gate_up_kernel(x_ptr, w_gate_ptr, w_up_ptr, thr_ptr, h_ptr, B, D, F,
 def down_kernel(h_ptr, w_down_t_ptr, part_ptr, B, D, F, ROWS_PER_PROG,
                 BLOCK_B: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr):
     """part[split] [B, BLOCK_D columns] = h[:, slice] @ w_down_t[slice], rows read only where h != 0."""
+    wait_for_previous_kernel()
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     split = tl.program_id(1)
     col_ok = cols < D
@@ -185,26 +227,135 @@ def down_kernel(h_ptr, w_down_t_ptr, part_ptr, B, D, F, ROWS_PER_PROG,
 
 
 @triton.jit
-def reduce_kernel(part_ptr, out_ptr, N, P, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr):
-    """out[n] = sum over p of part[p, n], in a fixed order. [BLOCK_P, BLOCK] tiles keep many loads in
-    flight: adding one partial row at a time is a chain of L2 round trips (11 us in v2)."""
+def reduce_kernel(part_ptr, res_ptr, out_ptr, N, P, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, RESIDUAL: tl.constexpr):
+    """out[n] = sum over p of part[p, n], in a fixed order (+ res[n]). [BLOCK_P, BLOCK] tiles keep many
+    loads in flight: adding one partial row at a time is a chain of L2 round trips (11 us in v2)."""
+    wait_for_previous_kernel()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
     acc = tl.zeros((BLOCK_P, BLOCK), dtype=tl.float32)
     for p0 in range(0, P, BLOCK_P):
         ps = p0 + tl.arange(0, BLOCK_P)
         acc += tl.load(part_ptr + ps[:, None] * N + offs[None, :], mask=(ps < P)[:, None] & ok[None, :], other=0.0)
-    tl.store(out_ptr + offs, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty), mask=ok)
+    out = tl.sum(acc, axis=0)
+    if RESIDUAL:
+        out += tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
-def linear_kernel(x_ptr, w_ptr, y_ptr, B, D, N, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                  BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr):
+def linear_kernel(x_ptr, nw_ptr, eps, w_ptr, res_ptr, y_ptr, B, D, N, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+                  BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y = [res +] [RMSNorm](x) W^T: one program per BLOCK_N rows of W, all of d (no split, so the
+    residual add is a plain epilogue)."""
+    wait_for_previous_kernel()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
-    y = rows_times_x(w_ptr, rows, ok, x_ptr, B, D, BLOCK_N, BLOCK_B, BLOCK_K, USE_DOT)
+    y = rows_times_x(w_ptr, rows, ok, x_ptr, B, D, nw_ptr, eps, BLOCK_N, BLOCK_B, BLOCK_K, USE_DOT, NORM)
     bs = tl.arange(0, BLOCK_B)
-    tl.store(y_ptr + bs[:, None] * N + rows[None, :], y.to(y_ptr.dtype.element_ty), mask=(bs < B)[:, None] & ok[None, :])
+    out = bs[:, None] * N + rows[None, :]
+    ok = (bs < B)[:, None] & ok[None, :]
+    if RESIDUAL:
+        y += tl.load(res_ptr + out, mask=ok, other=0.0).to(tl.float32)
+    tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention for one new token (flash-decoding): each program takes one query head and one slice of the
+# cache positions, and reads only the filled positions of its slice; combine_kernel merges the slices.
+
+@triton.jit
+def rope(ptr, i, ok, cos, sin, HALF):
+    """The two halves of the head vector at ptr, rotated by RoPE, rounded to the model dtype as the
+    PyTorch path rounds them. Hugging Face checkpoints pair dimension i with i + head_dim/2."""
+    x1 = tl.load(ptr + i, mask=ok, other=0.0)
+    x2 = tl.load(ptr + HALF + i, mask=ok, other=0.0)
+    dtype = x1.dtype
+    x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+    return (x1 * cos - x2 * sin).to(dtype).to(tl.float32), (x2 * cos + x1 * sin).to(dtype).to(tl.float32)
+
+
+@triton.jit
+def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m_ptr, l_ptr, acc_ptr, S, CHUNK,
+                     WINDOW, scale, N_HEAD: tl.constexpr, N_KV: tl.constexpr, HD: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr):
+    """For query head bh (= b * N_HEAD + head) and cache positions [split * CHUNK, +CHUNK): RoPE on q
+    and on the new k, softmax(q K^T * scale) V over the positions this token may see, written as an
+    unnormalised partial (row max m, sum l, acc). The new token's k and v are also written into the
+    cache, at position pos, by the first query head of their group; the other programs take them from
+    qkv rather than from the cache, so no program reads a slot that another is writing."""
+    wait_for_previous_kernel()
+    bh, split = tl.program_id(0), tl.program_id(1)
+    b, head = bh // N_HEAD, bh % N_HEAD
+    kv = head // (N_HEAD // N_KV)
+    HALF: tl.constexpr = HD // 2
+    pos = tl.load(pos_ptr)
+    i = tl.arange(0, BLOCK_HALF)
+    i_ok = i < HALF
+    freq = pos.to(tl.float32) * tl.load(inv_freq_ptr + i, mask=i_ok, other=0.0)
+    cos, sin = tl.cos(freq), tl.sin(freq)
+    row = qkv_ptr + b * (N_HEAD + 2 * N_KV) * HD
+    q1, q2 = rope(row + head * HD, i, i_ok, cos, sin, HALF)
+    k1_new, k2_new = rope(row + (N_HEAD + kv) * HD, i, i_ok, cos, sin, HALF)
+    v1_new = tl.load(row + (N_HEAD + N_KV + kv) * HD + i, mask=i_ok, other=0.0)
+    v2_new = tl.load(row + (N_HEAD + N_KV + kv) * HD + HALF + i, mask=i_ok, other=0.0)
+    cache = (b * N_KV + kv) * S * HD
+    start = split * CHUNK
+    if (head % (N_HEAD // N_KV) == 0) & (start <= pos) & (pos < start + CHUNK):
+        dtype = k_cache_ptr.dtype.element_ty
+        tl.store(k_cache_ptr + cache + pos * HD + i, k1_new.to(dtype), mask=i_ok)
+        tl.store(k_cache_ptr + cache + pos * HD + HALF + i, k2_new.to(dtype), mask=i_ok)
+        tl.store(v_cache_ptr + cache + pos * HD + i, v1_new, mask=i_ok)
+        tl.store(v_cache_ptr + cache + pos * HD + HALF + i, v2_new, mask=i_ok)
+    v1_new, v2_new = v1_new.to(tl.float32), v2_new.to(tl.float32)
+    lo = tl.maximum(start, pos - WINDOW + 1)  # Mistral's sliding window: keys within WINDOW tokens back
+    hi = tl.minimum(start + CHUNK, pos + 1)
+    m = tl.full((), float("-inf"), tl.float32)
+    l = tl.zeros((), tl.float32)
+    acc1 = tl.zeros((BLOCK_HALF,), tl.float32)
+    acc2 = tl.zeros((BLOCK_HALF,), tl.float32)
+    for s0 in range(lo, hi, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        cached = ((s < pos) & (s < hi))[:, None] & i_ok[None, :]
+        new = (s == pos)[:, None]
+        at = cache + s[:, None] * HD + i[None, :]
+        k1 = tl.where(new, k1_new[None, :], tl.load(k_cache_ptr + at, mask=cached, other=0.0).to(tl.float32))
+        k2 = tl.where(new, k2_new[None, :], tl.load(k_cache_ptr + at + HALF, mask=cached, other=0.0).to(tl.float32))
+        # V is loaded before the scores are computed, so both tiles' reads are in flight together
+        v1 = tl.where(new, v1_new[None, :], tl.load(v_cache_ptr + at, mask=cached, other=0.0).to(tl.float32))
+        v2 = tl.where(new, v2_new[None, :], tl.load(v_cache_ptr + at + HALF, mask=cached, other=0.0).to(tl.float32))
+        score = (tl.sum(k1 * q1[None, :], axis=1) + tl.sum(k2 * q2[None, :], axis=1)) * scale
+        score = tl.where(s < hi, score, float("-inf"))
+        m_new = tl.maximum(m, tl.max(score, axis=0))
+        p = tl.exp2(score - m_new)  # scale includes log2(e)
+        alpha = tl.exp2(m - m_new)
+        l = l * alpha + tl.sum(p, axis=0)
+        acc1 = acc1 * alpha + tl.sum(p[:, None] * v1, axis=0)
+        acc2 = acc2 * alpha + tl.sum(p[:, None] * v2, axis=0)
+        m = m_new
+    n_split = tl.num_programs(1)
+    tl.store(m_ptr + bh * n_split + split, m)
+    tl.store(l_ptr + bh * n_split + split, l)
+    out = acc_ptr + (bh * n_split + split) * HD
+    tl.store(out + i, acc1, mask=i_ok)
+    tl.store(out + HALF + i, acc2, mask=i_ok)
+
+
+@triton.jit
+def combine_kernel(m_ptr, l_ptr, acc_ptr, y_ptr, SPLITS, HD, BLOCK_SPLITS: tl.constexpr, BLOCK_HD: tl.constexpr):
+    """y[bh] = the softmax-weighted sum over all slices; a slice that saw no position has m = -inf and
+    weight 0."""
+    wait_for_previous_kernel()
+    bh = tl.program_id(0)
+    sp = tl.arange(0, BLOCK_SPLITS)
+    sp_ok = sp < SPLITS
+    d = tl.arange(0, BLOCK_HD)
+    m = tl.load(m_ptr + bh * SPLITS + sp, mask=sp_ok, other=float("-inf"))
+    weight = tl.exp2(m - tl.max(m, axis=0))
+    l = tl.sum(weight * tl.load(l_ptr + bh * SPLITS + sp, mask=sp_ok, other=0.0), axis=0)
+    acc = tl.load(acc_ptr + (bh * SPLITS + sp)[:, None] * HD + d[None, :], mask=sp_ok[:, None] & (d < HD)[None, :], other=0.0)
+    y = tl.sum(weight[:, None] * acc, axis=0) / l
+    tl.store(y_ptr + bh * HD + d, y.to(y_ptr.dtype.element_ty), mask=d < HD)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -235,7 +386,17 @@ def reduce_config(P: int, N: int) -> dict:
     return dict(BLOCK=32, BLOCK_P=16, num_warps=8)
 
 
-def linear_config(B: int, D: int, N: int) -> dict:
+def attention_config(B: int, n_head: int, S: int, block_s=64, programs=2048) -> dict:
+    """Slices of CHUNK positions: one tile each up to B * n_head * slices = `programs`. A program is a
+    chain of dependent reads (position, then K and V), so many short ones beat a few long ones."""
+    splits = max(1, min(triton.cdiv(S, block_s), programs // (B * n_head)))
+    chunk = triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
+    return dict(BLOCK_S=block_s, CHUNK=chunk, SPLITS=triton.cdiv(S, chunk), num_warps=4)
+
+
+def linear_config(B: int, D: int, N: int, norm: bool = False) -> dict:
+    if B == 1 and norm:  # the norm's per-step work on the tensor-core path cost q/k/v 11 us more; here 1.6
+        return dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=1, USE_DOT=False)
     if B == 1 and N <= 6144:  # few rows: small blocks, so every SM gets several programs
         return dict(BLOCK_N=4 if N <= 4096 else 8, BLOCK_K=512, num_warps=4, num_stages=1, USE_DOT=False)
     return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, USE_DOT=True)
@@ -243,8 +404,10 @@ def linear_config(B: int, D: int, N: int) -> dict:
 
 # ---------------------------------------------------------------------------------------------------
 # Launchers. Each takes its output buffer optionally, so the tests can poison it before the launch.
+# nw (with eps): fold RMSNorm with weight nw into the kernel's input; the kernels never read an absent
+# norm weight or residual, so x stands in for their pointers then.
 
-def gate(x: Tensor, w_gate: Tensor, threshold: Tensor, out=None) -> tuple[Tensor, Tensor, Tensor]:
+def gate(x: Tensor, w_gate: Tensor, threshold: Optional[Tensor], nw=None, eps=0.0, out=None) -> tuple[Tensor, Tensor, Tensor]:
     """One token: (g [F] fp32, idx, cnt) as gate_kernel writes them."""
     D, F = x.shape[-1], w_gate.shape[0]
     c = gate_config(D, F)
@@ -252,31 +415,34 @@ def gate(x: Tensor, w_gate: Tensor, threshold: Tensor, out=None) -> tuple[Tensor
     g, idx, cnt = out or (torch.empty(F, device=x.device, dtype=torch.float32),
                           torch.empty(nb * c["BLOCK_N"], device=x.device, dtype=torch.int32),
                           torch.empty(nb, device=x.device, dtype=torch.int32))
-    gate_kernel[(nb,)](x, w_gate, threshold, g, idx, cnt, D, F, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                       num_warps=c["num_warps"])
+    gate_kernel[(nb,)](x, x if nw is None else nw, eps, w_gate, x if threshold is None else threshold, g, idx, cnt, D, F,
+                       BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], NORM=nw is not None, SPARSE=threshold is not None, num_warps=c["num_warps"], **LAUNCH)
     return g, idx, cnt
 
 
-def up_down(x: Tensor, w_up: Tensor, w_down_t: Tensor, g: Tensor, idx: Tensor, cnt: Tensor, part=None) -> Tensor:
+def up_down(x: Tensor, w_up: Tensor, w_down_t: Tensor, g: Tensor, idx: Tensor, cnt: Tensor, nw=None, eps=0.0,
+            part=None) -> Tensor:
     """One token: partial outputs [programs, d] fp32 over the kept neurons."""
     D, F = x.shape[-1], w_up.shape[0]
     c = up_down_config(D, F)
     part = torch.empty((c["programs"], D), device=x.device, dtype=torch.float32) if part is None else part
-    up_down_kernel[(c["programs"],)](x, w_up, w_down_t, g, idx, cnt, part, D, cnt.numel(), BLOCK_J=c["BLOCK_J"],
-                                     BLOCK_D=triton.next_power_of_2(D), BLOCK_NB=triton.next_power_of_2(cnt.numel()),
-                                     GATE_N=idx.numel() // cnt.numel(), num_warps=c["num_warps"])
+    up_down_kernel[(c["programs"],)](x, x if nw is None else nw, eps, w_up, w_down_t, g, idx, cnt, part, D, cnt.numel(),
+                                     BLOCK_J=c["BLOCK_J"], BLOCK_D=triton.next_power_of_2(D),
+                                     BLOCK_NB=triton.next_power_of_2(cnt.numel()), GATE_N=idx.numel() // cnt.numel(),
+                                     NORM=nw is not None, num_warps=c["num_warps"], **LAUNCH)
     return part
 
 
-def gate_up(x: Tensor, w_gate: Tensor, w_up: Tensor, threshold: Tensor, h: Tensor = None) -> Tensor:
+def gate_up(x: Tensor, w_gate: Tensor, w_up: Tensor, threshold: Optional[Tensor], nw=None, eps=0.0, h: Tensor = None) -> Tensor:
     """Several tokens: h [B, ffn] fp32 = CATS(SiLU(x W_gate^T)) * (x W_up^T)."""
     B, D = x.shape
     F = w_gate.shape[0]
     h = torch.empty((B, F), device=x.device, dtype=torch.float32) if h is None else h
     c = gate_up_config(B, D, F)
-    gate_up_kernel[(triton.cdiv(F, c["BLOCK_N"]),)](x, w_gate, w_up, threshold, h, B, D, F, BLOCK_B=16,
-                                                    BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
-                                                    num_warps=c["num_warps"], num_stages=c["num_stages"])
+    gate_up_kernel[(triton.cdiv(F, c["BLOCK_N"]),)](x, x if nw is None else nw, eps, w_gate, w_up,
+                                                    x if threshold is None else threshold, h, B, D, F,
+                                                    BLOCK_B=16, BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"],
+                                                    NORM=nw is not None, SPARSE=threshold is not None, num_warps=c["num_warps"], num_stages=c["num_stages"], **LAUNCH)
     return h
 
 
@@ -288,49 +454,97 @@ def down(h: Tensor, w_down_t: Tensor, part: Tensor = None) -> Tensor:
     part = torch.empty((c["SPLITS"], B, D), device=h.device, dtype=torch.float32) if part is None else part
     down_kernel[(triton.cdiv(D, c["BLOCK_D"]), c["SPLITS"])](h, w_down_t, part, B, D, F, c["ROWS_PER_PROG"], BLOCK_B=16,
                                                              BLOCK_J=c["BLOCK_J"], BLOCK_D=c["BLOCK_D"],
-                                                             num_warps=c["num_warps"], num_stages=c["num_stages"])
+                                                             num_warps=c["num_warps"], num_stages=c["num_stages"], **LAUNCH)
     return part
 
 
-def reduce(part: Tensor, out: Tensor) -> Tensor:
-    """out (any float dtype) = part.sum(0), added in a fixed order."""
+def reduce(part: Tensor, out: Tensor, residual: Tensor = None) -> Tensor:
+    """out (any float dtype) = part.sum(0) (+ residual), added in a fixed order."""
     N, P = out.numel(), part.shape[0]
     c = reduce_config(P, N)
-    reduce_kernel[(triton.cdiv(N, c["BLOCK"]),)](part, out, N, P, BLOCK=c["BLOCK"], BLOCK_P=c["BLOCK_P"],
-                                                 num_warps=c["num_warps"])
+    reduce_kernel[(triton.cdiv(N, c["BLOCK"]),)](part, out if residual is None else residual, out, N, P, BLOCK=c["BLOCK"],
+                                                 BLOCK_P=c["BLOCK_P"], RESIDUAL=residual is not None,
+                                                 num_warps=c["num_warps"], **LAUNCH)
     return out
 
 
-def check_inputs(x: Tensor, *weights: Tensor) -> None:
+def attention_partials(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor,
+                       n_head: int, window: int, out=None) -> tuple[Tensor, Tensor, Tensor]:
+    """(m, l, acc) per query head and slice of the cache, as attention_kernel writes them; also writes
+    the new token's k and v into the caches."""
+    B, (_, n_kv, S, hd) = qkv.shape[0], k_cache.shape
+    c = attention_config(B, n_head, S)
+    m, l, acc = out or (torch.empty((B * n_head, c["SPLITS"]), device=qkv.device, dtype=torch.float32),
+                        torch.empty((B * n_head, c["SPLITS"]), device=qkv.device, dtype=torch.float32),
+                        torch.empty((B * n_head, c["SPLITS"], hd), device=qkv.device, dtype=torch.float32))
+    attention_kernel[(B * n_head, c["SPLITS"])](qkv, k_cache, v_cache, input_pos, inv_freq, m, l, acc, S, c["CHUNK"],
+                                                window or S, 1.4426950408889634 / hd ** 0.5, N_HEAD=n_head, N_KV=n_kv,
+                                                HD=hd, BLOCK_S=c["BLOCK_S"], BLOCK_HALF=triton.next_power_of_2(hd // 2),
+                                                num_warps=c["num_warps"], **LAUNCH)
+    return m, l, acc
+
+
+def combine(m: Tensor, l: Tensor, acc: Tensor, y: Tensor) -> Tensor:
+    """y [B, n_head * hd] = the slices' partials merged."""
+    bh, splits, hd = acc.shape
+    combine_kernel[(bh,)](m, l, acc, y, splits, hd, BLOCK_SPLITS=triton.next_power_of_2(splits),
+                          BLOCK_HD=triton.next_power_of_2(hd), num_warps=4, **LAUNCH)
+    return y
+
+
+def check_inputs(x: Tensor, *weights: Tensor, nw=None, residual=None) -> None:
     if not (x.dim() == 2 and 1 <= x.shape[0] <= 8):
         raise ValueError(f"the decode kernels take x of shape [B, d] with 1 to 8 tokens, got {list(x.shape)}")
     if not all(w.shape[1] == x.shape[1] for w in weights):
         raise ValueError(f"weights must be [*, d] with d = {x.shape[1]} (w_down_t is W_down transposed)")
-    if not all(t.is_contiguous() for t in (x, *weights)):
-        raise ValueError("x and the weights must be contiguous")
+    if nw is not None and nw.shape != (x.shape[1],):
+        raise ValueError(f"the norm weight must be [d] with d = {x.shape[1]}, got {list(nw.shape)}")
+    if not all(t.is_contiguous() for t in (x, *weights) + tuple(t for t in (nw, residual) if t is not None)):
+        raise ValueError("x, the weights, norm weight and residual must be contiguous")
 
 
-def cats_mlp_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold: Tensor) -> Tensor:
-    check_inputs(x, w_gate, w_up, w_down_t)
+def cats_mlp_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold: Optional[Tensor],
+                    nw=None, eps=0.0, residual=None) -> Tensor:
+    check_inputs(x, w_gate, w_up, w_down_t, nw=nw, residual=residual)
     if not w_gate.shape == w_up.shape == w_down_t.shape:
         raise ValueError(f"w_gate, w_up, w_down_t must all be [ffn, d], got {[list(w.shape) for w in (w_gate, w_up, w_down_t)]}")
+    if residual is not None and residual.shape != x.shape:
+        raise ValueError(f"the residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
     out = torch.empty_like(x)
     if x.shape[0] == 1:
-        return reduce(up_down(x, w_up, w_down_t, *gate(x, w_gate, threshold)), out)
-    return reduce(down(gate_up(x, w_gate, w_up, threshold), w_down_t), out)
+        return reduce(up_down(x, w_up, w_down_t, *gate(x, w_gate, threshold, nw, eps), nw, eps), out, residual)
+    return reduce(down(gate_up(x, w_gate, w_up, threshold, nw, eps), w_down_t), out, residual)
 
 
-def linear_triton(x: Tensor, w: Tensor) -> Tensor:
-    check_inputs(x, w)
+def linear_triton(x: Tensor, w: Tensor, nw=None, eps=0.0, residual=None, out=None) -> Tensor:
+    check_inputs(x, w, nw=nw, residual=residual)
     B, D = x.shape
     N = w.shape[0]
-    y = torch.empty((B, N), device=x.device, dtype=x.dtype)
-    c = linear_config(B, D, N)
+    if residual is not None and residual.shape != (B, N):
+        raise ValueError(f"the residual must be [B, n] = {[B, N]}, got {list(residual.shape)}")
+    y = torch.empty((B, N), device=x.device, dtype=x.dtype) if out is None else out
+    c = linear_config(B, D, N, nw is not None)
     use_dot = B > 1 or c["USE_DOT"]
-    linear_kernel[(triton.cdiv(N, c["BLOCK_N"]),)](x, w, y, B, D, N, BLOCK_N=c["BLOCK_N"], BLOCK_B=16 if use_dot else 1,
-                                                   BLOCK_K=c["BLOCK_K"], USE_DOT=use_dot, num_warps=c["num_warps"],
-                                                   num_stages=c["num_stages"])
+    linear_kernel[(triton.cdiv(N, c["BLOCK_N"]),)](x, x if nw is None else nw, eps, w, x if residual is None else residual,
+                                                   y, B, D, N, BLOCK_N=c["BLOCK_N"], BLOCK_B=16 if use_dot else 1,
+                                                   BLOCK_K=c["BLOCK_K"], USE_DOT=use_dot, NORM=nw is not None,
+                                                   RESIDUAL=residual is not None, num_warps=c["num_warps"],
+                                                   num_stages=c["num_stages"], **LAUNCH)
     return y
+
+
+def attention_triton(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor,
+                     n_head: int, window: int) -> Tensor:
+    B, (cache_b, n_kv, _, hd) = qkv.shape[0], k_cache.shape
+    if not (qkv.dim() == 2 and qkv.shape[1] == (n_head + 2 * n_kv) * hd and B <= cache_b and n_head % n_kv == 0):
+        raise ValueError(f"qkv must be [B, (n_head + 2 n_kv) hd] = [B, {(n_head + 2 * n_kv) * hd}] for a cache "
+                         f"{list(k_cache.shape)}, got {list(qkv.shape)}")
+    if not (v_cache.shape == k_cache.shape and input_pos.numel() == 1 and inv_freq.numel() == hd // 2 and hd % 2 == 0):
+        raise ValueError("need v_cache shaped like k_cache, one input position and hd / 2 rope frequencies")
+    if not all(t.is_contiguous() for t in (qkv, k_cache, v_cache)):
+        raise ValueError("qkv and the caches must be contiguous")
+    y = torch.empty((B, n_head * hd), device=qkv.device, dtype=qkv.dtype)
+    return combine(*attention_partials(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window), y)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -340,71 +554,127 @@ def acc_dtype(x):
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def gate_reference(x, w_gate, threshold):
+def rms_norm_reference(x, nw, eps):
+    x = x.to(acc_dtype(x))
+    return x if nw is None else x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * nw.to(x.dtype)
+
+
+def gate_reference(x, w_gate, threshold, nw=None, eps=0.0):
     """CATS(SiLU(x W_gate^T)) [B, F] and the mask of neurons some token keeps [F]."""
-    g = torch.nn.functional.silu(x.to(acc_dtype(x)) @ w_gate.to(acc_dtype(x)).T)
-    keep = g.abs() > as_threshold(threshold, x.device).to(g.dtype)
+    g = torch.nn.functional.silu(rms_norm_reference(x, nw, eps) @ w_gate.to(acc_dtype(x)).T)
+    t = as_threshold(threshold, x.device)
+    keep = g.abs() > t.to(g.dtype) if t is not None else torch.ones_like(g, dtype=torch.bool)
     return torch.where(keep, g, 0.0), keep.any(0)
 
 
-def gate_up_reference(x, w_gate, w_up, threshold):
-    return gate_reference(x, w_gate, threshold)[0] * (x.to(acc_dtype(x)) @ w_up.to(acc_dtype(x)).T)
+def gate_up_reference(x, w_gate, w_up, threshold, nw=None, eps=0.0):
+    return gate_reference(x, w_gate, threshold, nw, eps)[0] * (rms_norm_reference(x, nw, eps) @ w_up.to(acc_dtype(x)).T)
 
 
 def down_reference(h, w_down_t):
     return h @ w_down_t.to(h.dtype)
 
 
-def linear_reference(x, w):
-    return (x.to(acc_dtype(x)) @ w.to(acc_dtype(x)).T)
+def linear_reference(x, w, nw=None, eps=0.0, residual=None):
+    y = rms_norm_reference(x, nw, eps) @ w.to(acc_dtype(x)).T
+    return y if residual is None else y + residual.to(y.dtype)
+
+
+def attention_reference(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window=None):
+    """What attention_triton does, step by step: RoPE on q and the new k, both caches updated at
+    input_pos (in place, in their dtype), then softmax attention over the positions the token may see,
+    in fp32 (fp64 when the caches are fp64). Returns [B, n_head * hd] in the accumulation dtype."""
+    B, (_, n_kv, S, hd) = qkv.shape[0], k_cache.shape
+    q, k, v = qkv.view(B, n_head + 2 * n_kv, hd).split([n_head, n_kv, n_kv], dim=1)
+    freq = input_pos.to(inv_freq.dtype) * inv_freq
+    cos, sin = torch.cat([freq.cos(), freq.cos()]).to(acc_dtype(qkv)), torch.cat([freq.sin(), freq.sin()]).to(acc_dtype(qkv))
+    rotate = lambda t: (t.to(cos.dtype) * cos + torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1).to(cos.dtype) * sin).to(t.dtype)  # noqa: E731
+    q, k = rotate(q), rotate(k)
+    k_cache[:B, :, input_pos] = k[:, :, None]
+    v_cache[:B, :, input_pos] = v[:, :, None]
+    keys = torch.arange(S, device=qkv.device)
+    pos = input_pos.reshape(())
+    seen = (keys <= pos) & ((pos - keys < window) if window else True)
+    kk = k_cache[:B, :, seen].to(acc_dtype(qkv)).repeat_interleave(n_head // n_kv, dim=1)  # [B, n_head, s, hd]
+    vv = v_cache[:B, :, seen].to(acc_dtype(qkv)).repeat_interleave(n_head // n_kv, dim=1)
+    p = torch.softmax((kk @ q.to(kk.dtype)[..., None]).squeeze(-1) / hd ** 0.5, dim=-1)
+    return (p[:, :, None, :] @ vv).reshape(B, n_head * hd)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Public entry points
 
-def as_threshold(threshold, device) -> Tensor:
+def as_threshold(threshold, device) -> Optional[Tensor]:
     """A float or 0-d tensor -> 0-d fp32 tensor on device (the kernel reads it there: no host sync).
-    None means dense: -inf keeps every neuron."""
+    None stays None: dense, every neuron kept (a constant made here would cost a launch per layer in a
+    compiled decode step)."""
     if threshold is None:
-        threshold = float("-inf")
+        return None
     if isinstance(threshold, Tensor):
         return threshold.to(device=device, dtype=torch.float32).reshape(())
     return torch.tensor(float(threshold), device=device, dtype=torch.float32)
 
 
 @torch.library.custom_op("cats::mlp", mutates_args=())
-def _cats_mlp_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold: Tensor) -> Tensor:
-    return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold)
+def _cats_mlp_op(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold: Optional[Tensor],
+                 nw: Optional[Tensor], eps: float, residual: Optional[Tensor]) -> Tensor:
+    return cats_mlp_triton(x, w_gate, w_up, w_down_t, threshold, nw, eps, residual)
 
 
 @_cats_mlp_op.register_fake
-def _(x, w_gate, w_up, w_down_t, threshold):
+def _(x, w_gate, w_up, w_down_t, threshold, nw, eps, residual):
     return torch.empty_like(x)
 
 
 @torch.library.custom_op("cats::linear", mutates_args=())
-def _linear_op(x: Tensor, w: Tensor) -> Tensor:
-    return linear_triton(x, w)
+def _linear_op(x: Tensor, w: Tensor, nw: Optional[Tensor], eps: float, residual: Optional[Tensor]) -> Tensor:
+    return linear_triton(x, w, nw, eps, residual)
 
 
 @_linear_op.register_fake
-def _(x, w):
+def _(x, w, nw, eps, residual):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
-def cats_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold) -> Tensor:
+@torch.library.custom_op("cats::attention", mutates_args=("k_cache", "v_cache"))
+def _attention_op(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor,
+                  n_head: int, window: int) -> Tensor:
+    return attention_triton(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window)
+
+
+@_attention_op.register_fake
+def _(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window):
+    return qkv.new_empty((qkv.shape[0], n_head * k_cache.shape[-1]))
+
+
+def cats_mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold, norm_weight=None, eps=1e-5,
+             residual=None) -> Tensor:
     """CATS MLP for x [B, d] (B <= 8): W_down(CATS_t(SiLU(W_gate x)) * W_up x), reading only the
     W_up rows and w_down_t rows of neurons that some token keeps. w_gate, w_up: [ffn, d];
     w_down_t: [ffn, d] (W_down transposed); threshold: float, 0-d tensor, or None (dense).
-    fp32 accumulation; output in x's dtype."""
-    return _cats_mlp_op(x, w_gate, w_up, w_down_t, as_threshold(threshold, x.device))
+    With norm_weight, x is RMSNorm(x) first; with residual, it is added to the result (a decoder
+    layer's `h + mlp(norm(h))` in one call). fp32 accumulation; output in x's dtype."""
+    return _cats_mlp_op(x, w_gate, w_up, w_down_t, as_threshold(threshold, x.device), norm_weight, eps, residual)
 
 
-def cats_mlp_reference(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold) -> Tensor:
+def cats_mlp_reference(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold, nw=None, eps=0.0,
+                       residual=None) -> Tensor:
     """The same function in plain PyTorch: computed in fp32 (fp64 if given fp64), output in x's dtype."""
-    return down_reference(gate_up_reference(x, w_gate, w_up, threshold), w_down_t).to(x.dtype)
+    y = down_reference(gate_up_reference(x, w_gate, w_up, threshold, nw, eps), w_down_t)
+    return (y if residual is None else y + residual.to(y.dtype)).to(x.dtype)
 
 
-def linear(x: Tensor, w: Tensor) -> Tensor:
-    """x [B, d] (B <= 8) @ w [n, d]^T, fp32 accumulation, output in x's dtype: F.linear for decode."""
-    return _linear_op(x, w)
+def linear(x: Tensor, w: Tensor, norm_weight=None, eps=1e-5, residual=None) -> Tensor:
+    """x [B, d] (B <= 8) @ w [n, d]^T, fp32 accumulation, output in x's dtype: F.linear for decode.
+    With norm_weight, RMSNorm(x) in place of x; with residual ([B, n]), residual + the product."""
+    return _linear_op(x, w, norm_weight, eps, residual)
+
+
+def decode_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor,
+                     n_head: int, window=None) -> Tensor:
+    """Attention for one new token per sequence, RoPE and the cache update included. qkv: [B, (n_head +
+    2 n_kv) hd], the fused q, k, v projections, before RoPE; k_cache, v_cache: [B', n_kv, S, hd] (B' >=
+    B), written at input_pos ([1], on the device); inv_freq: [hd / 2] RoPE frequencies (fp32); window:
+    Mistral's sliding window, or None. Reads only the cache positions this token may see. Returns
+    [B, n_head * hd] in qkv's dtype."""
+    return _attention_op(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window or 0)

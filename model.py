@@ -155,14 +155,6 @@ def use_kernels(x: Tensor, kernel: str) -> bool:
     return x.is_cuda or (kernel == "triton" and os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def project(layer: nn.Linear, x: Tensor, kernel: str) -> Tensor:
-    """layer(x); at decode, the Triton matrix-vector product (faster than cuBLAS for these shapes)."""
-    if use_kernels(x, kernel):
-        from kernel import linear
-        return linear(x.view(x.shape[0], -1), layer.weight).view(*x.shape[:-1], -1)
-    return layer(x)
-
-
 class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -171,12 +163,11 @@ class Attention(nn.Module):
         self.wqkv = nn.Linear(args.dim, q + 2 * kv, bias=False)  # q, k, v fused: one GEMV per layer at decode
         self.wo = nn.Linear(q, args.dim, bias=False)
         self.kv_cache: Optional[KVCache] = None
-        self.kernel = "auto"
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Optional[Tensor], input_pos: Optional[Tensor]) -> Tensor:
         a = self.args
         B, T, _ = x.shape
-        q, k, v = project(self.wqkv, x, self.kernel).split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
+        q, k, v = self.wqkv(x).split([a.n_head * a.head_dim, a.n_kv_head * a.head_dim, a.n_kv_head * a.head_dim], -1)
         q = q.view(B, T, a.n_head, a.head_dim).transpose(1, 2)
         k = k.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2)
         v = v.view(B, T, a.n_kv_head, a.head_dim).transpose(1, 2)
@@ -186,7 +177,17 @@ class Attention(nn.Module):
         # mask None means plain causal over exactly these T tokens (lets SDPA pick flash attention).
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=a.n_kv_head != a.n_head)
-        return project(self.wo, y.transpose(1, 2).reshape(B, T, a.n_head * a.head_dim), self.kernel)
+        return self.wo(y.transpose(1, 2).reshape(B, T, a.n_head * a.head_dim))
+
+    def decode(self, x: Tensor, norm: RMSNorm, input_pos: Tensor, inv_freq: Tensor) -> Tensor:
+        """x + forward(norm(x)) for one new token per sequence, in three kernels: the norm folded into
+        the q/k/v product, attention (RoPE and the cache write included, reading only the positions
+        this token sees), the residual add folded into the wo product."""
+        from kernel import decode_attention, linear
+        a, x2 = self.args, x.view(x.shape[0], -1)
+        qkv = linear(x2, self.wqkv.weight, norm.weight, norm.eps)
+        y = decode_attention(qkv, self.kv_cache.k, self.kv_cache.v, input_pos, inv_freq, a.n_head, a.sliding_window)
+        return linear(y, self.wo.weight, residual=x2).view_as(x)
 
 
 class FeedForward(nn.Module):
@@ -199,17 +200,21 @@ class FeedForward(nn.Module):
         # Neuron-major W_down ([ffn, d]): row j holds neuron j's output weights, contiguous for the kernel.
         self.w_down_t = nn.Parameter(torch.empty(args.intermediate_size, args.dim))
         self.threshold: Optional[Tensor] = None  # 0-d fp32 tensor: CATS on; None: dense
-        self.kernel = "auto"
 
     def forward(self, x: Tensor) -> Tensor:
         t = self.threshold
-        if use_kernels(x, self.kernel):
-            from kernel import cats_mlp  # imported lazily: the model itself runs without Triton
-            return cats_mlp(x.view(x.shape[0], -1), self.w_gate.weight, self.w_up.weight, self.w_down_t, t).view_as(x)
         gate = F.silu(self.w_gate(x))
         if t is not None:
             gate = cats_activation(gate, t)
         return (gate * self.w_up(x)) @ self.w_down_t
+
+    def decode(self, x: Tensor, norm: RMSNorm) -> Tensor:
+        """x + forward(norm(x)) for one new token per sequence, through kernel.cats_mlp (dense when no
+        threshold is set), which reads only the W_up and W_down rows of the neurons CATS keeps."""
+        from kernel import cats_mlp  # imported lazily: the model itself runs without Triton
+        x2 = x.view(x.shape[0], -1)
+        return cats_mlp(x2, self.w_gate.weight, self.w_up.weight, self.w_down_t, self.threshold, norm.weight, norm.eps,
+                        residual=x2).view_as(x)
 
 
 class TransformerBlock(nn.Module):
@@ -223,6 +228,11 @@ class TransformerBlock(nn.Module):
     def forward(self, x, cos, sin, mask, input_pos):
         h = x + self.attention(self.attention_norm(x), cos, sin, mask, input_pos)
         return h + self.feed_forward(self.ffn_norm(h))
+
+    def decode(self, x: Tensor, input_pos: Tensor, inv_freq: Tensor) -> Tensor:
+        """forward for one new token per sequence through kernel.py's kernels: each RMSNorm folded into
+        the product after it, each residual add into the one before it."""
+        return self.feed_forward.decode(self.attention.decode(x, self.attention_norm, input_pos, inv_freq), self.ffn_norm)
 
 
 class Transformer(nn.Module):
@@ -251,20 +261,30 @@ class Transformer(nn.Module):
         """idx [B, T] -> logits [B, T, vocab]. Without input_pos: a plain causal forward over idx.
         With input_pos ([T] positions of these tokens): read and extend the KV cache."""
         B, T = idx.shape
+        if input_pos is not None and self.max_seq_length == 0:
+            raise RuntimeError("call model.setup_caches(max_batch_size, max_seq_length) before decoding with input_pos")
+        x = self.tok_embeddings(idx)
+        if input_pos is not None and use_kernels(x, self.kernel):
+            return self.decode(x, input_pos)
         if input_pos is None:
             pos = torch.arange(T, device=idx.device)
             window = self.args.sliding_window
             mask = attention_mask(pos, pos, window) if window is not None and T > window else None
         else:
-            if self.max_seq_length == 0:
-                raise RuntimeError("call model.setup_caches(max_batch_size, max_seq_length) before decoding with input_pos")
             pos = input_pos
             mask = attention_mask(pos, torch.arange(self.max_seq_length, device=idx.device), self.args.sliding_window)
-        x = self.tok_embeddings(idx)
         cos, sin = rope_cos_sin(self.inv_freq, pos, x.dtype)
         for layer in self.layers:
             x = layer(x, cos, sin, mask, input_pos)
-        return project(self.output, self.norm(x), self.kernel)
+        return self.output(self.norm(x))
+
+    def decode(self, x: Tensor, input_pos: Tensor) -> Tensor:
+        """The decode step through kernel.py (see use_kernels): 7 kernels per layer, where the PyTorch
+        path launches a dozen or more small ones, and attention reads only the filled cache positions."""
+        from kernel import linear
+        for layer in self.layers:
+            x = layer.decode(x, input_pos, self.inv_freq)
+        return linear(x.view(x.shape[0], -1), self.output.weight, self.norm.weight, self.norm.eps).view(x.shape[0], 1, -1)
 
     def set_thresholds(self, thresholds: Optional[Tensor], kernel: Optional[str] = None):
         """CATS on with one threshold per layer ([n_layer] tensor), or dense again with None; kernel, if
@@ -282,9 +302,7 @@ class Transformer(nn.Module):
         masking, which reads every weight)."""
         if kernel not in ("auto", "triton", "torch"):
             raise ValueError(f"kernel must be 'auto', 'triton' or 'torch', not {kernel!r}")
-        for m in self.modules():
-            if hasattr(m, "kernel"):
-                m.kernel = kernel
+        self.kernel = kernel
 
     @classmethod
     def from_pretrained(cls, ckpt_dir, device="cpu", dtype=None) -> "Transformer":

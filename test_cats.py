@@ -190,16 +190,28 @@ def test_logits_match_transformers(oracle):
         assert_close(oracle.ours(oracle.idx), oracle.ref)
 
 
-def test_cached_decode_matches_transformers(oracle):
-    """Prefill half the sequence through the KV cache, then feed the rest one token at a time."""
+@pytest.mark.parametrize("path", ["torch", "triton"])
+def test_cached_decode_matches_transformers(oracle, path, monkeypatch):
+    """Prefill half the sequence through the KV cache, then feed the rest one token at a time: through
+    plain PyTorch, and through kernel.py's fused decode kernels (in the interpreter on a CPU)."""
     m, idx, T = oracle.ours, oracle.idx, oracle.T
+    if path == "triton" and KDEV == "cuda":
+        m, idx = copy.deepcopy(m).to(KDEV), idx.to(KDEV)
+    calls = []
+    real = kernel.attention_triton
+    monkeypatch.setattr(kernel, "attention_triton", lambda *a: calls.append(1) or real(*a))
     P = T // 2
     m.setup_caches(2, T)
-    with torch.no_grad():
-        out = [m(idx[:, :P], torch.arange(P))]
-        for t in range(P, T):
-            out.append(m(idx[:, t:t + 1], torch.tensor([t])))
-    assert_close(torch.cat(out, dim=1), oracle.ref)
+    m.set_kernel(path)
+    try:
+        with torch.no_grad():
+            out = [m(idx[:, :P], torch.arange(P, device=idx.device))]
+            for t in range(P, T):
+                out.append(m(idx[:, t:t + 1], torch.tensor([t], device=idx.device)))
+    finally:
+        m.set_kernel("auto")
+    assert len(calls) == (m.args.n_layer * (T - P) if path == "triton" else 0)
+    assert_close(torch.cat(out, dim=1).cpu(), oracle.ref)
 
 
 def test_greedy_generation_matches_transformers(oracle):
@@ -1087,6 +1099,96 @@ def test_linear_kernel_matches_fp64_reference(n, d, B, dtype, monkeypatch):
     assert rel_err(y, kernel.linear_reference(x.double(), w.double())) < TOL[dtype]
 
 
+def norm_weight(d, seed):
+    """RMSNorm weights of 0.5, 1 and 2 at random: uneven enough that a missing or misplaced weight shows,
+    and x * weight stays exact in bf16, as the tensor-core path (B > 1) rounds it to the weights' dtype."""
+    return (2.0 ** torch.randint(-1, 2, (d,), generator=torch.Generator().manual_seed(seed))).to(KDEV)
+
+
+@pytest.mark.parametrize("d,ffn,B,dtype", [(37, 53, 1, torch.float32), (37, 53, 5, torch.float16), (576, 1536, 1, torch.bfloat16),
+                                           (1000, 2750, 3, torch.bfloat16), (4096, 11008, 1, torch.bfloat16)])
+def test_cats_mlp_with_norm_and_residual_matches_fp64_reference(d, ffn, B, dtype, monkeypatch):
+    """The decode layer's `h + mlp(RMSNorm(h))` in one call: the norm folded into gate (and up_down),
+    the residual into reduce; each stage's output poisoned before its launch."""
+    if KDEV == "cpu" and d * ffn > 4e6:
+        big_blocks(monkeypatch)
+    x_of, ws = mlp_weights(d, ffn, dtype, seed=d + B + 1)
+    x, nw = x_of(B) * 3, norm_weight(d, d).to(dtype)  # * 3: rms far from 1, so a missing norm shows
+    ref = [a.double() for a in (x, *ws, nw)]
+    normed = kernel.rms_norm_reference(ref[0], ref[4], 1e-5)
+    t = kernel.as_threshold(threshold_in_gap(normed, ws[0], 0.5), KDEV)
+    if B == 1:
+        g, idx, cnt = kernel.gate(x, ws[0], t, nw, 1e-5)
+        assert rel_err(g, kernel.gate_reference(normed, ref[1], t)[0][0]) < TOL[dtype]
+        part = kernel.up_down(x, ws[1], ws[2], g, idx, cnt, nw, 1e-5, part=poisoned(kernel.up_down_config(d, ffn)["programs"], d))
+    else:
+        h = kernel.gate_up(x, ws[0], ws[1], t, nw, 1e-5, h=poisoned(B, ffn))
+        assert rel_err(h, kernel.gate_up_reference(normed, ref[1], ref[2], t)) < TOL[dtype]
+        part = kernel.down(h, ws[2], part=poisoned(kernel.down_config(B, d, ffn)["SPLITS"], B, d))
+    res = x_of(B) / 4
+    out = kernel.reduce(part, poisoned(B, d, dtype=dtype), residual=res)
+    expected = kernel.cats_mlp_reference(ref[0], *ref[1:4], t, ref[4], 1e-5, residual=res.double())
+    assert (expected - res.double()).norm() > 0.3 * res.double().norm()  # the MLP's part is not lost in the residual
+    assert rel_err(out, expected) < TOL[dtype]
+    torch.testing.assert_close(kernel.cats_mlp(x, *ws, t, nw, 1e-5, residual=res), out, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n,d,B,dtype", [(53, 37, 1, torch.float32), (53, 37, 8, torch.bfloat16), (1000, 576, 3, torch.float16),
+                                         (4096, 4096, 1, torch.bfloat16), (12288, 4096, 1, torch.float32),
+                                         (32000, 4096, 1, torch.bfloat16)])
+def test_linear_with_norm_and_residual_matches_fp64_reference(n, d, B, dtype, monkeypatch):
+    """RMSNorm folded into the product (q/k/v, LM head) and the residual add into it (wo)."""
+    if KDEV == "cpu" and n * d > 4e6:
+        big_blocks(monkeypatch)
+    g = torch.Generator().manual_seed(n + B + 1)
+    x = (3 * torch.randn(B, d, generator=g)).to(KDEV, dtype)
+    w = (torch.randn(n, d, generator=g) / d ** 0.5).to(KDEV, dtype)
+    nw, res = norm_weight(d, n).to(dtype), torch.randn(B, n, generator=g).to(KDEV, dtype)
+    ref = kernel.linear_reference(x.double(), w.double(), nw.double(), 1e-5)
+    assert rel_err(kernel.linear_triton(x, w, nw, 1e-5, out=poisoned(B, n, dtype=dtype)), ref) < TOL[dtype]
+    y = kernel.linear_triton(x, w, None, 0.0, res, out=poisoned(B, n, dtype=dtype))
+    assert rel_err(y, kernel.linear_reference(x.double(), w.double(), residual=res.double())) < TOL[dtype]
+    assert rel_err(kernel.linear(x, w, nw, 1e-5, res), ref + res.double()) < TOL[dtype]
+
+
+ATTENTION_CASES = [  # (B, n_head, n_kv, cache length, head_dim, position, window, dtype)
+    (1, 4, 2, 37, 16, 20, None, torch.float32), (2, 3, 3, 70, 8, 69, None, torch.float16),  # last slot
+    (1, 4, 1, 50, 6, 45, 7, torch.float32),  # head_dim 6: halves of 3, padded lanes; window of 7
+    (2, 2, 2, 10, 16, 0, None, torch.bfloat16),  # the first token sees only itself
+    (1, 32, 32, 1024, 128, 271, None, torch.bfloat16),  # Llama-2-7B, 1k cache
+    (1, 32, 8, 1024, 128, 700, 300, torch.bfloat16),  # Mistral-7B's heads, a window inside the cache
+]
+
+
+@pytest.mark.parametrize("B,n_head,n_kv,S,hd,pos,window,dtype", ATTENTION_CASES)
+def test_decode_attention_matches_fp64_reference(B, n_head, n_kv, S, hd, pos, window, dtype):
+    g = torch.Generator().manual_seed(S + pos)
+    qkv = torch.randn(B, (n_head + 2 * n_kv) * hd, generator=g).to(KDEV, dtype)
+    k_cache, v_cache = (torch.randn(B, n_kv, S, hd, generator=g).to(KDEV, dtype) for _ in range(2))
+    inv_freq = (1.0 / 500.0 ** (torch.arange(0, hd, 2).float() / hd)).to(KDEV)
+    input_pos = torch.tensor([pos], device=KDEV)
+    k_ref, v_ref = k_cache.double(), v_cache.double()
+    ref = kernel.attention_reference(qkv.double(), k_ref, v_ref, input_pos, inv_freq.double(), n_head, window)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    c = kernel.attention_config(B, n_head, S)
+    partials = kernel.attention_partials(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window,
+                                         out=(poisoned(B * n_head, c["SPLITS"]), poisoned(B * n_head, c["SPLITS"]),
+                                              poisoned(B * n_head, c["SPLITS"], hd)))
+    y = kernel.combine(*partials, poisoned(B, n_head * hd, dtype=dtype))
+    assert rel_err(y, ref) < TOL[dtype]
+    # the new k (after RoPE) and v land in slot pos, within a rounding of the fp64 values (TOL / 2 is
+    # ~2 bf16 ulps: Triton's CPU interpreter truncates to bf16 where the GPU rounds to nearest)...
+    assert rel_err(k_cache[:, :, pos], k_ref[:, :, pos]) < TOL[dtype] / 2
+    torch.testing.assert_close(v_cache[:, :, pos].double(), v_ref[:, :, pos], rtol=0, atol=0)
+    # ...and no other slot changes
+    others = torch.arange(S, device=KDEV) != pos
+    assert torch.equal(k_cache[:, :, others], k_before[:, :, others]) and torch.equal(v_cache[:, :, others], v_before[:, :, others])
+    # the public entry point gives the same on fresh caches
+    k_cache, v_cache = k_before.clone(), v_before.clone()
+    torch.testing.assert_close(kernel.decode_attention(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window), y,
+                               rtol=0, atol=0)
+
+
 def test_dense_threshold_none_keeps_every_neuron():
     x_of, ws = mlp_weights(64, 96, torch.float32, seed=5)
     for B in (1, 3):
@@ -1110,8 +1212,15 @@ def test_kernels_are_custom_ops_that_compile_without_graph_breaks():
     x_of, ws = mlp_weights(64, 96, torch.float32, seed=3)
     for B in (1, 2):
         x, t = x_of(B), torch.tensor(0.1, device=KDEV)
-        torch.library.opcheck(torch.ops.cats.mlp.default, (x, *ws, t))
-        torch.library.opcheck(torch.ops.cats.linear.default, (x, ws[0]))
+        nw = norm_weight(64, 0)
+        torch.library.opcheck(torch.ops.cats.mlp.default, (x, *ws, t, None, 1e-5, None))
+        torch.library.opcheck(torch.ops.cats.mlp.default, (x, *ws, t, nw, 1e-5, x))
+        torch.library.opcheck(torch.ops.cats.linear.default, (x, ws[0], None, 1e-5, None))
+        torch.library.opcheck(torch.ops.cats.linear.default, (x, ws[0], nw, 1e-5, x.new_ones(B, 96)))
+        qkv = torch.randn(B, 6 * 16, device=KDEV)
+        caches = [torch.randn(B, 2, 12, 16, device=KDEV) for _ in range(2)]
+        torch.library.opcheck(torch.ops.cats.attention.default,
+                              (qkv, *caches, torch.tensor([5], device=KDEV), torch.rand(8, device=KDEV), 2, 0))
         compiled = torch.compile(lambda x: kernel.cats_mlp(x, *ws, t) * 2 + kernel.linear(x, ws[1]).sum(), fullgraph=True,
                                  backend="aot_eager")
         torch.testing.assert_close(compiled(x), kernel.cats_mlp(x, *ws, t) * 2 + kernel.linear(x, ws[1]).sum())
@@ -1125,6 +1234,14 @@ def test_kernels_reject_bad_shapes():
         kernel.linear(x_of(9), ws[0])
     with pytest.raises(ValueError, match="must be"):
         kernel.cats_mlp(x_of(1), ws[0], ws[1][:, :16].contiguous(), ws[2], 0.1)
+    with pytest.raises(ValueError, match="norm weight must be"):
+        kernel.linear(x_of(1), ws[0], torch.ones(31, device=KDEV))
+    with pytest.raises(ValueError, match="residual must be"):
+        kernel.linear(x_of(2), ws[0], residual=x_of(2))
+    cache = torch.zeros(1, 2, 12, 16, device=KDEV)
+    with pytest.raises(ValueError, match="qkv must be"):
+        kernel.decode_attention(torch.zeros(1, 5 * 16, device=KDEV), cache, cache.clone(), torch.tensor([3], device=KDEV),
+                                torch.ones(8, device=KDEV), 2)
 
 
 @pytest.mark.parametrize("batch", [1, 2])
