@@ -26,10 +26,10 @@ linear_kernel: y = x W^T for the attention projections and the LM head at decode
 gate; faster than cuBLAS for these shapes on the H200, see README).
 
 A decoder layer's RMSNorm is folded into the product after it (`norm_weight`) and its residual add into
-the product before it (`residual`), so a decode layer is 7 kernels: q/k/v, attention + combine, wo,
-gate, up_down, reduce. attention_kernel applies RoPE, writes the new k and v into the cache and attends
-over the filled positions, one query head and one slice of the cache per program (flash-decoding);
-combine_kernel merges the slices.
+the product before it (`residual`), so a decode layer is 6 kernels: q/k/v, attention, wo, gate,
+up_down, reduce. attention_kernel applies RoPE, writes the new k and v into the cache and attends over
+the filled positions, one query head and one slice of the cache per program (flash-decoding); the last
+program of each head to finish merges the slices.
 
 Nothing here syncs with the host, so a decode step can be captured in a CUDA graph; `cats_mlp` and
 `linear` are torch.library custom ops, so torch.compile(fullgraph=True) captures them too.
@@ -43,10 +43,12 @@ import triton.language as tl
 from torch import Tensor
 
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-# Programmatic dependent launch (Hopper and later; CATS_PDL=1): each kernel is launched while the one
-# before it is still finishing and waits at its start until that one's writes are visible, which hides
-# the launch gap; a decode layer is 7 kernels of a few microseconds each.
-USE_PDL = os.environ.get("CATS_PDL") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+# Programmatic dependent launch (Hopper and later, on unless CATS_PDL=0): each kernel is set up while
+# the one before it finishes, and waits at its start until that one's writes are visible, which hides
+# part of the launch gap; a decode layer is 6 kernels of a few microseconds each. Decided once, for
+# the first GPU (a host that mixes older GPUs with Hopper ones should set CATS_PDL=0).
+USE_PDL = (os.environ.get("CATS_PDL", "1") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
+           and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
 PDL = tl.constexpr(USE_PDL)
 LAUNCH = {"launch_pdl": True} if USE_PDL else {}
 
@@ -262,7 +264,7 @@ def linear_kernel(x_ptr, nw_ptr, eps, w_ptr, res_ptr, y_ptr, B, D, N, BLOCK_N: t
 
 # ---------------------------------------------------------------------------------------------------
 # Attention for one new token (flash-decoding): each program takes one query head and one slice of the
-# cache positions, and reads only the filled positions of its slice; combine_kernel merges the slices.
+# cache positions, and reads only the filled positions of its slice; the head's last program merges them.
 
 @triton.jit
 def rope(ptr, i, ok, cos, sin, HALF):
@@ -276,14 +278,15 @@ def rope(ptr, i, ok, cos, sin, HALF):
 
 
 @triton.jit
-def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m_ptr, l_ptr, acc_ptr, S, CHUNK,
-                     WINDOW, scale, N_HEAD: tl.constexpr, N_KV: tl.constexpr, HD: tl.constexpr,
-                     BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr):
+def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m_ptr, l_ptr, acc_ptr, count_ptr,
+                     y_ptr, S, CHUNK, WINDOW, scale, N_HEAD: tl.constexpr, N_KV: tl.constexpr, HD: tl.constexpr,
+                     BLOCK_S: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_SPLITS: tl.constexpr):
     """For query head bh (= b * N_HEAD + head) and cache positions [split * CHUNK, +CHUNK): RoPE on q
     and on the new k, softmax(q K^T * scale) V over the positions this token may see, written as an
-    unnormalised partial (row max m, sum l, acc). The new token's k and v are also written into the
-    cache, at position pos, by the first query head of their group; the other programs take them from
-    qkv rather than from the cache, so no program reads a slot that another is writing."""
+    unnormalised partial (row max m, sum l, acc), which whichever of the head's programs finishes last
+    merges into y (count_ptr: one arrival counter per head). The new token's k and v are also written
+    into the cache, at position pos, by the first query head of their group; the other programs take
+    them from qkv rather than from the cache, so no program reads a slot that another is writing."""
     wait_for_previous_kernel()
     bh, split = tl.program_id(0), tl.program_id(1)
     b, head = bh // N_HEAD, bh % N_HEAD
@@ -339,23 +342,25 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m
     out = acc_ptr + (bh * n_split + split) * HD
     tl.store(out + i, acc1, mask=i_ok)
     tl.store(out + HALF + i, acc2, mask=i_ok)
-
-
-@triton.jit
-def combine_kernel(m_ptr, l_ptr, acc_ptr, y_ptr, SPLITS, HD, BLOCK_SPLITS: tl.constexpr, BLOCK_HD: tl.constexpr):
-    """y[bh] = the softmax-weighted sum over all slices; a slice that saw no position has m = -inf and
-    weight 0."""
-    wait_for_previous_kernel()
-    bh = tl.program_id(0)
-    sp = tl.arange(0, BLOCK_SPLITS)
-    sp_ok = sp < SPLITS
-    d = tl.arange(0, BLOCK_HD)
-    m = tl.load(m_ptr + bh * SPLITS + sp, mask=sp_ok, other=float("-inf"))
-    weight = tl.exp2(m - tl.max(m, axis=0))
-    l = tl.sum(weight * tl.load(l_ptr + bh * SPLITS + sp, mask=sp_ok, other=0.0), axis=0)
-    acc = tl.load(acc_ptr + (bh * SPLITS + sp)[:, None] * HD + d[None, :], mask=sp_ok[:, None] & (d < HD)[None, :], other=0.0)
-    y = tl.sum(weight[:, None] * acc, axis=0) / l
-    tl.store(y_ptr + bh * HD + d, y.to(y_ptr.dtype.element_ty), mask=d < HD)
+    # The last of this head's programs to finish merges all slices, so no separate combine kernel (one
+    # launch and gap fewer per layer). The barrier puts every thread's stores above before the atomic;
+    # the atomic's release and acquire make them visible to that last program, which loads past L1
+    # (.cg) and leaves the counter at zero for the next launch.
+    tl.debug_barrier()
+    if tl.atomic_add(count_ptr + bh, 1, sem="acq_rel") == n_split - 1:
+        sp = tl.arange(0, BLOCK_SPLITS)
+        sp_ok = sp < n_split
+        ms = tl.load(m_ptr + bh * n_split + sp, mask=sp_ok, other=float("-inf"), cache_modifier=".cg")
+        weight = tl.exp2(ms - tl.max(ms, axis=0))  # a slice that saw no position has m = -inf: weight 0
+        l = tl.sum(weight * tl.load(l_ptr + bh * n_split + sp, mask=sp_ok, other=0.0, cache_modifier=".cg"), axis=0)
+        at = acc_ptr + (bh * n_split + sp)[:, None] * HD + i[None, :]
+        ok = sp_ok[:, None] & i_ok[None, :]
+        y1 = tl.sum(weight[:, None] * tl.load(at, mask=ok, other=0.0, cache_modifier=".cg"), axis=0) / l
+        y2 = tl.sum(weight[:, None] * tl.load(at + HALF, mask=ok, other=0.0, cache_modifier=".cg"), axis=0) / l
+        dtype = y_ptr.dtype.element_ty
+        tl.store(y_ptr + bh * HD + i, y1.to(dtype), mask=i_ok)
+        tl.store(y_ptr + bh * HD + HALF + i, y2.to(dtype), mask=i_ok)
+        tl.store(count_ptr + bh, 0)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -363,11 +368,13 @@ def combine_kernel(m_ptr, l_ptr, acc_ptr, y_ptr, SPLITS, HD, BLOCK_SPLITS: tl.co
 # programs to keep every SM busy with loads in flight, few enough that each reads a sizeable chunk.
 
 def gate_config(D: int, F: int) -> dict:
+    if F > 12288:  # Mistral's 14336 rows in blocks of 16 left a second, nearly empty wave: 36.8 us, here 31.8
+        return dict(BLOCK_N=32, BLOCK_K=512, num_warps=4)
     return dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
 
 
 def up_down_config(D: int, F: int) -> dict:
-    return dict(BLOCK_J=2, programs=264, num_warps=4 if D <= 4096 else 8)
+    return dict(BLOCK_J=2, programs=264, num_warps=8 if D >= 4096 else 4)
 
 
 def gate_up_config(B: int, D: int, F: int) -> dict:
@@ -383,22 +390,27 @@ def down_config(B: int, D: int, F: int, block_d=256, block_j=32, programs=1024) 
 
 
 def reduce_config(P: int, N: int) -> dict:
-    return dict(BLOCK=32, BLOCK_P=16, num_warps=8)
+    return dict(BLOCK=16, BLOCK_P=64, num_warps=8)  # 264 partial rows in 5 steps: 2.1 us (17 steps: 2.8)
 
 
-def attention_config(B: int, n_head: int, S: int, block_s=64, programs=2048) -> dict:
+def attention_config(B: int, n_head: int, S: int, block_s=64, programs=2048, num_warps=2) -> dict:
     """Slices of CHUNK positions: one tile each up to B * n_head * slices = `programs`. A program is a
-    chain of dependent reads (position, then K and V), so many short ones beat a few long ones."""
+    chain of dependent reads (position, then K and V), so many short ones beat a few long ones; 2 warps
+    a program measured 5.9 us at position 200 and 7.5 at 1000, 4 warps 7.8 and 14.1."""
     splits = max(1, min(triton.cdiv(S, block_s), programs // (B * n_head)))
     chunk = triton.cdiv(triton.cdiv(S, splits), block_s) * block_s
-    return dict(BLOCK_S=block_s, CHUNK=chunk, SPLITS=triton.cdiv(S, chunk), num_warps=4)
+    return dict(BLOCK_S=block_s, CHUNK=chunk, SPLITS=triton.cdiv(S, chunk), num_warps=num_warps)
 
 
 def linear_config(B: int, D: int, N: int, norm: bool = False) -> dict:
     if B == 1 and norm:  # the norm's per-step work on the tensor-core path cost q/k/v 11 us more; here 1.6
-        return dict(BLOCK_N=16, BLOCK_K=512, num_warps=4, num_stages=1, USE_DOT=False)
-    if B == 1 and N <= 6144:  # few rows: small blocks, so every SM gets several programs
-        return dict(BLOCK_N=4 if N <= 4096 else 8, BLOCK_K=512, num_warps=4, num_stages=1, USE_DOT=False)
+        big = N > 6144
+        return dict(BLOCK_N=32 if big else 16, BLOCK_K=256 if big else 512, num_warps=8 if big else 4, num_stages=1,
+                    USE_DOT=False)
+    if B == 1 and N <= 4096:  # few rows: small blocks, so every SM gets several programs
+        return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=2, num_stages=1, USE_DOT=False)
+    if B == 1 and N <= 6144:
+        return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=1, USE_DOT=False)
     return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, USE_DOT=True)
 
 
@@ -468,27 +480,22 @@ def reduce(part: Tensor, out: Tensor, residual: Tensor = None) -> Tensor:
     return out
 
 
-def attention_partials(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor,
-                       n_head: int, window: int, out=None) -> tuple[Tensor, Tensor, Tensor]:
-    """(m, l, acc) per query head and slice of the cache, as attention_kernel writes them; also writes
-    the new token's k and v into the caches."""
+def attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor, counts: Tensor,
+              n_head: int, window: int, out=None) -> Tensor:
+    """y [B, n_head * hd] as attention_kernel writes it (also the new k and v into the caches); out = the
+    scratch (m, l, acc) per query head and slice, and y."""
     B, (_, n_kv, S, hd) = qkv.shape[0], k_cache.shape
     c = attention_config(B, n_head, S)
-    m, l, acc = out or (torch.empty((B * n_head, c["SPLITS"]), device=qkv.device, dtype=torch.float32),
-                        torch.empty((B * n_head, c["SPLITS"]), device=qkv.device, dtype=torch.float32),
-                        torch.empty((B * n_head, c["SPLITS"], hd), device=qkv.device, dtype=torch.float32))
-    attention_kernel[(B * n_head, c["SPLITS"])](qkv, k_cache, v_cache, input_pos, inv_freq, m, l, acc, S, c["CHUNK"],
-                                                window or S, 1.4426950408889634 / hd ** 0.5, N_HEAD=n_head, N_KV=n_kv,
-                                                HD=hd, BLOCK_S=c["BLOCK_S"], BLOCK_HALF=triton.next_power_of_2(hd // 2),
+    m, l, acc, y = out or (torch.empty((B * n_head, c["SPLITS"]), device=qkv.device, dtype=torch.float32),
+                           torch.empty((B * n_head, c["SPLITS"]), device=qkv.device, dtype=torch.float32),
+                           torch.empty((B * n_head, c["SPLITS"], hd), device=qkv.device, dtype=torch.float32),
+                           torch.empty((B, n_head * hd), device=qkv.device, dtype=qkv.dtype))
+    attention_kernel[(B * n_head, c["SPLITS"])](qkv, k_cache, v_cache, input_pos, inv_freq, m, l, acc, counts, y, S,
+                                                c["CHUNK"], window or S, 1.4426950408889634 / hd ** 0.5, N_HEAD=n_head,
+                                                N_KV=n_kv, HD=hd, BLOCK_S=c["BLOCK_S"],
+                                                BLOCK_HALF=triton.next_power_of_2(hd // 2),
+                                                BLOCK_SPLITS=triton.next_power_of_2(c["SPLITS"]),
                                                 num_warps=c["num_warps"], **LAUNCH)
-    return m, l, acc
-
-
-def combine(m: Tensor, l: Tensor, acc: Tensor, y: Tensor) -> Tensor:
-    """y [B, n_head * hd] = the slices' partials merged."""
-    bh, splits, hd = acc.shape
-    combine_kernel[(bh,)](m, l, acc, y, splits, hd, BLOCK_SPLITS=triton.next_power_of_2(splits),
-                          BLOCK_HD=triton.next_power_of_2(hd), num_warps=4, **LAUNCH)
     return y
 
 
@@ -534,17 +541,18 @@ def linear_triton(x: Tensor, w: Tensor, nw=None, eps=0.0, residual=None, out=Non
 
 
 def attention_triton(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor,
-                     n_head: int, window: int) -> Tensor:
+                     counts: Tensor, n_head: int, window: int) -> Tensor:
     B, (cache_b, n_kv, _, hd) = qkv.shape[0], k_cache.shape
     if not (qkv.dim() == 2 and qkv.shape[1] == (n_head + 2 * n_kv) * hd and B <= cache_b and n_head % n_kv == 0):
         raise ValueError(f"qkv must be [B, (n_head + 2 n_kv) hd] = [B, {(n_head + 2 * n_kv) * hd}] for a cache "
                          f"{list(k_cache.shape)}, got {list(qkv.shape)}")
     if not (v_cache.shape == k_cache.shape and input_pos.numel() == 1 and inv_freq.numel() == hd // 2 and hd % 2 == 0):
         raise ValueError("need v_cache shaped like k_cache, one input position and hd / 2 rope frequencies")
+    if not (counts.dtype == torch.int32 and counts.numel() >= B * n_head):
+        raise ValueError(f"counts must be int32 zeros, at least B * n_head = {B * n_head} of them")
     if not all(t.is_contiguous() for t in (qkv, k_cache, v_cache)):
         raise ValueError("qkv and the caches must be contiguous")
-    y = torch.empty((B, n_head * hd), device=qkv.device, dtype=qkv.dtype)
-    return combine(*attention_partials(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window), y)
+    return attention(qkv, k_cache, v_cache, input_pos, inv_freq, counts, n_head, window)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -636,14 +644,14 @@ def _(x, w, nw, eps, residual):
     return x.new_empty((x.shape[0], w.shape[0]))
 
 
-@torch.library.custom_op("cats::attention", mutates_args=("k_cache", "v_cache"))
-def _attention_op(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor,
+@torch.library.custom_op("cats::attention", mutates_args=("k_cache", "v_cache", "counts"))
+def _attention_op(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor, counts: Tensor,
                   n_head: int, window: int) -> Tensor:
-    return attention_triton(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window)
+    return attention_triton(qkv, k_cache, v_cache, input_pos, inv_freq, counts, n_head, window)
 
 
 @_attention_op.register_fake
-def _(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window):
+def _(qkv, k_cache, v_cache, input_pos, inv_freq, counts, n_head, window):
     return qkv.new_empty((qkv.shape[0], n_head * k_cache.shape[-1]))
 
 
@@ -671,10 +679,13 @@ def linear(x: Tensor, w: Tensor, norm_weight=None, eps=1e-5, residual=None) -> T
 
 
 def decode_attention(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, input_pos: Tensor, inv_freq: Tensor,
-                     n_head: int, window=None) -> Tensor:
+                     n_head: int, window=None, counts=None) -> Tensor:
     """Attention for one new token per sequence, RoPE and the cache update included. qkv: [B, (n_head +
     2 n_kv) hd], the fused q, k, v projections, before RoPE; k_cache, v_cache: [B', n_kv, S, hd] (B' >=
     B), written at input_pos ([1], on the device); inv_freq: [hd / 2] RoPE frequencies (fp32); window:
     Mistral's sliding window, or None. Reads only the cache positions this token may see. Returns
-    [B, n_head * hd] in qkv's dtype."""
-    return _attention_op(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window or 0)
+    [B, n_head * hd] in qkv's dtype. counts: int32 zeros, B * n_head of them, that the kernel uses and
+    leaves at zero; a decode loop keeps one and passes it every step (else each call makes one: a fill)."""
+    if counts is None:
+        counts = torch.zeros(qkv.shape[0] * n_head, device=qkv.device, dtype=torch.int32)
+    return _attention_op(qkv, k_cache, v_cache, input_pos, inv_freq, counts, n_head, window or 0)

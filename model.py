@@ -132,11 +132,14 @@ class RMSNorm(nn.Module):
 
 
 class KVCache(nn.Module):
-    def __init__(self, batch: int, n_kv_head: int, max_seq: int, head_dim: int, dtype, device):
+    def __init__(self, batch: int, n_head: int, n_kv_head: int, max_seq: int, head_dim: int, dtype, device):
         super().__init__()
         shape = (batch, n_kv_head, max_seq, head_dim)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        # kernel.decode_attention's per-head arrival counters (it leaves them at zero): kept here, so
+        # no decode step spends a launch zeroing new ones
+        self.register_buffer("counts", torch.zeros(batch * n_head, dtype=torch.int32, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         # index_copy_ rather than slicing with Python ints: input_pos stays on the device, so the
@@ -186,7 +189,8 @@ class Attention(nn.Module):
         from kernel import decode_attention, linear
         a, x2 = self.args, x.view(x.shape[0], -1)
         qkv = linear(x2, self.wqkv.weight, norm.weight, norm.eps)
-        y = decode_attention(qkv, self.kv_cache.k, self.kv_cache.v, input_pos, inv_freq, a.n_head, a.sliding_window)
+        c = self.kv_cache
+        y = decode_attention(qkv, c.k, c.v, input_pos, inv_freq, a.n_head, a.sliding_window, c.counts)
         return linear(y, self.wo.weight, residual=x2).view_as(x)
 
 
@@ -199,7 +203,8 @@ class FeedForward(nn.Module):
         self.w_up = nn.Linear(args.dim, args.intermediate_size, bias=False)
         # Neuron-major W_down ([ffn, d]): row j holds neuron j's output weights, contiguous for the kernel.
         self.w_down_t = nn.Parameter(torch.empty(args.intermediate_size, args.dim))
-        self.threshold: Optional[Tensor] = None  # 0-d fp32 tensor: CATS on; None: dense
+        # 0-d fp32 tensor: CATS on; None: dense (a buffer: it moves with the module)
+        self.register_buffer("threshold", None, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
         t = self.threshold
@@ -253,7 +258,7 @@ class Transformer(nn.Module):
         """Allocate the static KV cache; afterwards call model(idx, input_pos) to decode."""
         w = self.tok_embeddings.weight
         for layer in self.layers:
-            layer.attention.kv_cache = KVCache(max_batch_size, self.args.n_kv_head, max_seq_length,
+            layer.attention.kv_cache = KVCache(max_batch_size, self.args.n_head, self.args.n_kv_head, max_seq_length,
                                                self.args.head_dim, w.dtype, w.device)
         self.max_seq_length = max_seq_length
 
@@ -279,7 +284,7 @@ class Transformer(nn.Module):
         return self.output(self.norm(x))
 
     def decode(self, x: Tensor, input_pos: Tensor) -> Tensor:
-        """The decode step through kernel.py (see use_kernels): 7 kernels per layer, where the PyTorch
+        """The decode step through kernel.py (see use_kernels): 6 kernels per layer, where the PyTorch
         path launches a dozen or more small ones, and attention reads only the filled cache positions."""
         from kernel import linear
         for layer in self.layers:
@@ -294,7 +299,9 @@ class Transformer(nn.Module):
         if kernel is not None:
             self.set_kernel(kernel)
         for i, layer in enumerate(self.layers):
-            layer.feed_forward.threshold = None if thresholds is None else thresholds[i].to(self.inv_freq.device, torch.float32)
+            # each its own tensor, not a view of `thresholds`: a compiled step's CUDA graph copied such
+            # views in on every replay (27 copies a step, measured)
+            layer.feed_forward.threshold = None if thresholds is None else thresholds[i].to(self.inv_freq.device, torch.float32).clone()
 
     def set_kernel(self, kernel: str):
         """The decode path: "auto" (default: kernel.py's Triton kernels on CUDA, PyTorch elsewhere),

@@ -1171,10 +1171,11 @@ def test_decode_attention_matches_fp64_reference(B, n_head, n_kv, S, hd, pos, wi
     ref = kernel.attention_reference(qkv.double(), k_ref, v_ref, input_pos, inv_freq.double(), n_head, window)
     k_before, v_before = k_cache.clone(), v_cache.clone()
     c = kernel.attention_config(B, n_head, S)
-    partials = kernel.attention_partials(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window,
-                                         out=(poisoned(B * n_head, c["SPLITS"]), poisoned(B * n_head, c["SPLITS"]),
-                                              poisoned(B * n_head, c["SPLITS"], hd)))
-    y = kernel.combine(*partials, poisoned(B, n_head * hd, dtype=dtype))
+    counts = torch.zeros(B * n_head, device=KDEV, dtype=torch.int32)
+    y = kernel.attention(qkv, k_cache, v_cache, input_pos, inv_freq, counts, n_head, window,
+                         out=(poisoned(B * n_head, c["SPLITS"]), poisoned(B * n_head, c["SPLITS"]),
+                              poisoned(B * n_head, c["SPLITS"], hd), poisoned(B, n_head * hd, dtype=dtype)))
+    assert not counts.any()  # the head's last program merged the slices and left its counter at zero
     assert rel_err(y, ref) < TOL[dtype]
     # the new k (after RoPE) and v land in slot pos, within a rounding of the fp64 values (TOL / 2 is
     # ~2 bf16 ulps: Triton's CPU interpreter truncates to bf16 where the GPU rounds to nearest)...
@@ -1183,10 +1184,27 @@ def test_decode_attention_matches_fp64_reference(B, n_head, n_kv, S, hd, pos, wi
     # ...and no other slot changes
     others = torch.arange(S, device=KDEV) != pos
     assert torch.equal(k_cache[:, :, others], k_before[:, :, others]) and torch.equal(v_cache[:, :, others], v_before[:, :, others])
-    # the public entry point gives the same on fresh caches
-    k_cache, v_cache = k_before.clone(), v_before.clone()
-    torch.testing.assert_close(kernel.decode_attention(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window), y,
-                               rtol=0, atol=0)
+    # the public entry point gives the same on fresh caches, with its own counters and with the ones
+    # used above, twice (each launch must leave them ready for the next)
+    for c in (None, counts, counts):
+        k_cache, v_cache = k_before.clone(), v_before.clone()
+        torch.testing.assert_close(kernel.decode_attention(qkv, k_cache, v_cache, input_pos, inv_freq, n_head, window, c),
+                                   y, rtol=0, atol=0)
+
+
+def test_set_thresholds_gives_each_layer_its_own_tensor(model):
+    """Views of one stacked tensor were copied into the compiled step's CUDA graph on every replay
+    (27 copies a step on the H200, README); separate tensors are read in place."""
+    n = model.args.n_layer
+    t = torch.linspace(0.1, 0.2, n)
+    model.set_thresholds(t)
+    try:
+        ptrs = {layer.feed_forward.threshold.untyped_storage().data_ptr() for layer in model.layers}
+        assert len(ptrs) == n and t.untyped_storage().data_ptr() not in ptrs
+        assert [layer.feed_forward.threshold.item() for layer in model.layers] == t.tolist()
+        assert "threshold" not in "".join(model.state_dict())  # non-persistent: checkpoints stay weights only
+    finally:
+        model.set_thresholds(None)
 
 
 def test_dense_threshold_none_keeps_every_neuron():
@@ -1220,7 +1238,8 @@ def test_kernels_are_custom_ops_that_compile_without_graph_breaks():
         qkv = torch.randn(B, 6 * 16, device=KDEV)
         caches = [torch.randn(B, 2, 12, 16, device=KDEV) for _ in range(2)]
         torch.library.opcheck(torch.ops.cats.attention.default,
-                              (qkv, *caches, torch.tensor([5], device=KDEV), torch.rand(8, device=KDEV), 2, 0))
+                              (qkv, *caches, torch.tensor([5], device=KDEV), torch.rand(8, device=KDEV),
+                               torch.zeros(B * 2, device=KDEV, dtype=torch.int32), 2, 0))
         compiled = torch.compile(lambda x: kernel.cats_mlp(x, *ws, t) * 2 + kernel.linear(x, ws[1]).sum(), fullgraph=True,
                                  backend="aot_eager")
         torch.testing.assert_close(compiled(x), kernel.cats_mlp(x, *ws, t) * 2 + kernel.linear(x, ws[1]).sum())
@@ -1242,6 +1261,9 @@ def test_kernels_reject_bad_shapes():
     with pytest.raises(ValueError, match="qkv must be"):
         kernel.decode_attention(torch.zeros(1, 5 * 16, device=KDEV), cache, cache.clone(), torch.tensor([3], device=KDEV),
                                 torch.ones(8, device=KDEV), 2)
+    with pytest.raises(ValueError, match="counts must be int32"):
+        kernel.decode_attention(torch.zeros(1, 6 * 16, device=KDEV), cache, cache.clone(), torch.tensor([3], device=KDEV),
+                                torch.ones(8, device=KDEV), 2, counts=torch.zeros(2, device=KDEV))
 
 
 @pytest.mark.parametrize("batch", [1, 2])
