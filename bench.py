@@ -278,17 +278,11 @@ def calibrate_in_place(model: Transformer, sparsity: float, tokens: torch.Tensor
 
 @torch.no_grad()
 def decode_sparsity(model: Transformer, prompt: torch.Tensor, n: int) -> float:
-    """Mean fraction of zeroed gate activations over n greedy decode steps (eager, plain-torch path)."""
-    from generate import generate
-    zeros = []
-    def count(ff, inputs):
-        g = F.silu(ff.w_gate(inputs[0])).abs()
-        zeros.append((g <= ff.threshold).float().mean().item())
-    hooks = [l.feed_forward.register_forward_pre_hook(count) for l in model.layers]
-    generate(model, prompt, n)
-    for h in hooks:
-        h.remove()
-    return sum(zeros[len(model.layers):]) / len(zeros[len(model.layers):])  # decode steps only
+    """Mean fraction of zeroed gate activations over n greedy decode steps (plain-torch path), counted
+    teacher-forced over the tokens those steps took in, as generate.py counts it."""
+    from generate import generate, mlp_sparsity
+    tokens, _ = generate(model, prompt, n)
+    return mlp_sparsity(model, tokens[:, :-1], start=prompt.shape[1]).mean().item()
 
 
 def bench_decode(args):

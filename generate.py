@@ -125,12 +125,13 @@ def set_sparsity(model: Transformer, args):
 
 
 @torch.no_grad()
-def mlp_sparsity(model: Transformer, tokens: Tensor) -> Tensor:
-    """Fraction of gate activations CATS zeroes in each layer, over tokens [1, T] in one plain forward:
-    teacher-forced over the generated text, the activations the decode steps saw (up to rounding)."""
+def mlp_sparsity(model: Transformer, tokens: Tensor, start: int = 0) -> Tensor:
+    """Fraction of gate activations CATS zeroes in each layer, over tokens[:, start:] ([1, T]; the
+    earlier ones are context only) in one plain forward: teacher-forced over the generated text, the
+    activations the decode steps saw (up to rounding)."""
     zeros = []
     def count(ff, inputs):
-        g = F.silu(ff.w_gate(inputs[0])).abs()
+        g = F.silu(ff.w_gate(inputs[0][:, start:])).abs()
         zeros.append(0.0 if ff.threshold is None else (g <= ff.threshold).float().mean().item())
     hooks = [layer.feed_forward.register_forward_pre_hook(count) for layer in model.layers]
     try:

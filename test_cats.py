@@ -1207,6 +1207,33 @@ def test_set_thresholds_gives_each_layer_its_own_tensor(model):
         model.set_thresholds(None)
 
 
+def test_decode_sparsity_counts_what_the_decode_steps_zero(model):
+    """bench.py's and generate.py's MLP sparsity (one teacher-forced forward over the decode steps'
+    tokens) against the zeros counted in each cached step as it runs."""
+    import bench
+    from generate import generate
+    model.set_thresholds(torch.full((model.args.n_layer,), 0.2), kernel="torch")
+    try:
+        prompt = torch.randint(0, model.args.vocab_size, (1, 5), generator=torch.Generator().manual_seed(3))
+        zeros, total = [], []
+        def count(ff, inputs):
+            g = F.silu(ff.w_gate(inputs[0])).abs()
+            zeros.append((g <= ff.threshold).sum().item())
+            total.append(g.numel())
+        hooks = [layer.feed_forward.register_forward_pre_hook(count) for layer in model.layers]
+        try:
+            generate(model, prompt, 8)
+        finally:
+            for h in hooks:
+                h.remove()
+        n = model.args.n_layer  # the first n calls are the prompt's prefill
+        stepwise = sum(zeros[n:]) / sum(total[n:])
+        assert 0.05 < stepwise < 0.95
+        assert bench.decode_sparsity(model, prompt, 8) == pytest.approx(stepwise, abs=1 / sum(total[n:]))
+    finally:
+        model.set_thresholds(None, kernel="auto")
+
+
 def test_dense_threshold_none_keeps_every_neuron():
     x_of, ws = mlp_weights(64, 96, torch.float32, seed=5)
     for B in (1, 3):
