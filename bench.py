@@ -4,11 +4,12 @@
     python bench.py linear               # kernel.linear vs cuBLAS for the other decode projections
     python bench.py decode               # whole model: tok/s dense vs CATS 0.5 / 0.7, 256 tokens
     python bench.py decode --ckpt DIR    # the same on a real checkpoint
+    python bench.py profile              # where a compiled decode step's time goes, kernel by kernel
     python bench.py sweep                # launch configurations of the two kernels (see kernel.py)
     python bench.py check                # cats_mlp vs an fp64 reference on the GPU, all dtypes
 
 Timing: CUDA graphs (triton.testing.do_bench_cudagraph), median, after warm-up; every ratio in a
-table is measured in the same run. Bandwidth limits use the device-to-device copy rate measured first.
+table is measured in the same run. Bandwidth limits use the read rate of one big sum, measured first.
 """
 import argparse
 from pathlib import Path
@@ -285,10 +286,30 @@ def decode_sparsity(model: Transformer, prompt: torch.Tensor, n: int) -> float:
     return mlp_sparsity(model, tokens[:, :-1], start=prompt.shape[1]).mean().item()
 
 
+def compiled_step(model: Transformer, kernel_choice: str, sparsity: float, prompt: torch.Tensor, cache: int):
+    """The decode step compiled (CUDA graph) for this mode, warmed up on a fresh KV cache of `cache`
+    slots, and the measured fraction of zeroed gate activations (thresholds calibrated on the model's
+    own activations, from 256 random tokens)."""
+    from generate import decode_one_token, generate
+    zeros = 0.0
+    model.set_thresholds(None)
+    if sparsity > 0:
+        calib = torch.randint(0, model.args.vocab_size, (1, 256), device=prompt.device)
+        model.set_thresholds(calibrate_in_place(model, sparsity, calib), kernel="torch")
+        zeros = decode_sparsity(model, prompt, 32)
+    model.set_kernel(kernel_choice)
+    torch._dynamo.reset()  # a fresh graph for each mode
+    step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
+    model.setup_caches(1, cache)
+    for _ in range(2):  # compile, capture, warm up
+        generate(model, prompt, 16, decode_step=step)
+    return step, zeros
+
+
 def bench_decode(args):
     """Decode speed of a whole random-weight model: plain PyTorch (cuBLAS) compiled, ours dense, and ours
     with CATS; every mode torch.compile(mode="reduce-overhead") (CUDA graphs), timed in the same run."""
-    from generate import decode_one_token, generate, weight_bytes_per_token
+    from generate import generate, weight_bytes_per_token
     bw = ceilings() / 1e9
     print(f"prompt {args.prompt_len}, {args.new_tokens} new tokens, KV cache {args.cache} (plain torch's SDPA reads all "
           f"of it; our attention kernel only the filled positions) | programmatic dependent launch: {kernel.USE_PDL}")
@@ -299,23 +320,10 @@ def bench_decode(args):
         a = model.args
         torch.manual_seed(0)
         prompt = torch.randint(0, a.vocab_size, (1, args.prompt_len), device="cuda")
-        calib = torch.randint(0, a.vocab_size, (1, 256), device="cuda")
         kv = 2 * a.n_layer * a.n_kv_head * a.head_dim * 2 * args.cache / 1e9
         speed = {}
         for mode, s in [("plain torch (cuBLAS)", 0.0), ("dense", 0.0)] + [("cats", s) for s in args.sparsity]:
-            if s == 0:
-                model.set_thresholds(None)
-                zeros = 0.0
-            else:
-                thr = calibrate_in_place(model, s, calib)
-                model.set_thresholds(thr, kernel="torch")
-                zeros = decode_sparsity(model, prompt, 32)
-            model.set_kernel("torch" if mode.startswith("plain") else "auto")
-            torch._dynamo.reset()  # a fresh graph for each mode
-            step = torch.compile(decode_one_token, mode="reduce-overhead", fullgraph=True)
-            model.setup_caches(1, args.cache)
-            for _ in range(2):  # compile, capture, warm up
-                generate(model, prompt, 16, decode_step=step)
+            step, zeros = compiled_step(model, "torch" if mode.startswith("plain") else "auto", s, prompt, args.cache)
             _, t = generate(model, prompt, args.new_tokens, decode_step=step)
             tps = t["decode_tokens"] / t["decode_s"]
             speed[mode] = tps
@@ -328,16 +336,65 @@ def bench_decode(args):
         torch.cuda.empty_cache()
 
 
+@torch.no_grad()
+def bench_profile(args):
+    """Kernel by kernel, where one compiled decode step spends its time (torch.profiler over CUDA-graph
+    replays at the middle position of a `decode` run): our dense step and CATS at each --sparsity."""
+    from generate import weight_bytes_per_token
+    bw = ceilings() / 1e9
+    pos, n = args.prompt_len + args.new_tokens // 2, 20
+    if kernel.USE_PDL:
+        print("programmatic dependent launch is on: each kernel's time includes its wait for the one before, so "
+              "kernel times overlap (CATS_PDL=0 separates them)")
+    for name in [args.ckpt.name] if args.ckpt else args.shapes:
+        model = Transformer.from_pretrained(args.ckpt, "cuda", torch.bfloat16) if args.ckpt else random_model(name)
+        torch.manual_seed(0)
+        prompt = torch.randint(0, model.args.vocab_size, (1, args.prompt_len), device="cuda")
+        for s in [0.0] + [s for s in args.sparsity if s > 0]:
+            step, zeros = compiled_step(model, "auto", s, prompt, args.cache)
+            cur, input_pos = prompt[:, -1:].clone(), torch.tensor([pos], device="cuda")
+            for _ in range(5):
+                step(model, cur, input_pos, 0.0, None)
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record()
+                for _ in range(n):
+                    step(model, cur, input_pos, 0.0, None)
+                end.record()
+                torch.cuda.synchronize()
+            wall = start.elapsed_time(end) * 1e3 / n
+            per_kernel = {}
+            for e in prof.events():
+                if e.device_type == torch.autograd.DeviceType.CUDA:
+                    k = e.name.split("(")[0][:40]
+                    us, count = per_kernel.get(k, (0.0, 0))
+                    per_kernel[k] = (us + e.device_time_total, count + 1)
+            busy = sum(us for us, _ in per_kernel.values()) / n
+            weights = sum(us for k, (us, _) in per_kernel.items() if k.startswith(("linear", "gate", "up_down"))) / n
+            gb = weight_bytes_per_token(model, zeros) / 1e9
+            print(f"\n{name} {'dense' if s == 0 else f'cats {s:g}'} (measured sparsity {zeros:.3f}), position {pos}: "
+                  f"step {wall:.0f} us (profiled), kernels busy {busy:.0f} us, between kernels {wall - busy:.0f} us; "
+                  f"weight-reading kernels {weights:.0f} us = {gb / weights * 1e6:.0f} GB/s ({100 * gb / weights * 1e6 / bw:.0f}% "
+                  f"of the {bw:.0f} GB/s read rate)")
+            print(f"  {'kernel':<40} {'us/step':>8} {'launches':>8} {'us each':>8}")
+            for k, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:12]:
+                print(f"  {k:<40} {us / n:8.1f} {count / n:8.0f} {us / count:8.2f}")
+        del model
+        torch.cuda.empty_cache()
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["mlp", "linear", "decode", "sweep", "check"])
+    p.add_argument("mode", choices=["mlp", "linear", "decode", "profile", "sweep", "check"])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9])
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--cache", type=int, default=1024, help="KV cache length (decode)")
-    p.add_argument("--ckpt", type=Path, help="decode: a real checkpoint folder instead of the random-weight --shapes")
+    p.add_argument("--ckpt", type=Path, help="decode, profile: a real checkpoint folder instead of the random-weight --shapes")
     p.add_argument("--config-out", help="sweep: write the best launch configurations here (JSON)")
     p.add_argument("--config", help="use launch configurations from a sweep's JSON instead of kernel.py's")
     args = p.parse_args()
@@ -346,8 +403,8 @@ def main():
     if args.config:
         use_configs(args.config)
     print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16")
-    {"mlp": bench_mlp, "linear": bench_linear, "decode": bench_decode, "sweep": bench_sweep,
-     "check": bench_check}[args.mode](args)
+    {"mlp": bench_mlp, "linear": bench_linear, "decode": bench_decode, "profile": bench_profile,
+     "sweep": bench_sweep, "check": bench_check}[args.mode](args)
 
 
 if __name__ == "__main__":
