@@ -4,7 +4,7 @@
     python bench.py linear               # kernel.linear vs cuBLAS for the other decode projections
     python bench.py decode               # whole model: tok/s dense vs CATS 0.5 / 0.7, 256 tokens
     python bench.py decode --ckpt DIR    # the same on a real checkpoint
-    python bench.py profile              # where a compiled decode step's time goes, kernel by kernel
+    CATS_PDL=0 python bench.py profile   # where a compiled decode step's time goes, kernel by kernel
     python bench.py sweep                # launch configurations of the two kernels (see kernel.py)
     python bench.py check                # cats_mlp vs an fp64 reference on the GPU, all dtypes
 
@@ -286,15 +286,15 @@ def decode_sparsity(model: Transformer, prompt: torch.Tensor, n: int) -> float:
     return mlp_sparsity(model, tokens[:, :-1], start=prompt.shape[1]).mean().item()
 
 
-def compiled_step(model: Transformer, kernel_choice: str, sparsity: float, prompt: torch.Tensor, cache: int):
-    """The decode step compiled (CUDA graph) for this mode, warmed up on a fresh KV cache of `cache`
-    slots, and the measured fraction of zeroed gate activations (thresholds calibrated on the model's
-    own activations, from 256 random tokens)."""
+def compiled_step(model: Transformer, kernel_choice: str, sparsity: float, prompt: torch.Tensor,
+                  calib: torch.Tensor, cache: int):
+    """Set the model up for one mode and return (its decode step compiled into a CUDA graph and warmed
+    up, the fraction of gate activations CATS zeroes). The model is left with that mode's thresholds
+    (calibrated on its own activations over `calib`), kernel choice and a fresh KV cache of `cache` slots."""
     from generate import decode_one_token, generate
     zeros = 0.0
     model.set_thresholds(None)
     if sparsity > 0:
-        calib = torch.randint(0, model.args.vocab_size, (1, 256), device=prompt.device)
         model.set_thresholds(calibrate_in_place(model, sparsity, calib), kernel="torch")
         zeros = decode_sparsity(model, prompt, 32)
     model.set_kernel(kernel_choice)
@@ -320,10 +320,11 @@ def bench_decode(args):
         a = model.args
         torch.manual_seed(0)
         prompt = torch.randint(0, a.vocab_size, (1, args.prompt_len), device="cuda")
+        calib = torch.randint(0, a.vocab_size, (1, 256), device="cuda")
         kv = 2 * a.n_layer * a.n_kv_head * a.head_dim * 2 * args.cache / 1e9
         speed = {}
         for mode, s in [("plain torch (cuBLAS)", 0.0), ("dense", 0.0)] + [("cats", s) for s in args.sparsity]:
-            step, zeros = compiled_step(model, "torch" if mode.startswith("plain") else "auto", s, prompt, args.cache)
+            step, zeros = compiled_step(model, "torch" if mode.startswith("plain") else "auto", s, prompt, calib, args.cache)
             _, t = generate(model, prompt, args.new_tokens, decode_step=step)
             tps = t["decode_tokens"] / t["decode_s"]
             speed[mode] = tps
@@ -336,22 +337,30 @@ def bench_decode(args):
         torch.cuda.empty_cache()
 
 
+WEIGHT_KERNELS = ("linear_kernel", "gate_kernel", "up_down_kernel")  # kernel.py's, at batch 1
+
+
 @torch.no_grad()
 def bench_profile(args):
     """Kernel by kernel, where one compiled decode step spends its time (torch.profiler over CUDA-graph
-    replays at the middle position of a `decode` run): our dense step and CATS at each --sparsity."""
+    replays at the middle position of a `decode` run): our dense step and CATS at each --sparsity. The
+    step time is under the profiler, so a little longer than `decode` measures."""
     from generate import weight_bytes_per_token
-    bw = ceilings() / 1e9
-    pos, n = args.prompt_len + args.new_tokens // 2, 20
     if kernel.USE_PDL:
-        print("programmatic dependent launch is on: each kernel's time includes its wait for the one before, so "
-              "kernel times overlap (CATS_PDL=0 separates them)")
+        raise SystemExit("error: run the profile as `CATS_PDL=0 python bench.py profile ...`: with programmatic "
+                         "dependent launch each kernel's time includes its wait for the one before, so the times overlap")
+    pos, n = args.prompt_len + args.new_tokens // 2, 20
+    if pos >= args.cache:
+        raise SystemExit(f"error: the profiled position {pos} (prompt + half the new tokens) must be inside the "
+                         f"KV cache ({args.cache}); raise --cache")
+    bw = ceilings() / 1e9
     for name in [args.ckpt.name] if args.ckpt else args.shapes:
         model = Transformer.from_pretrained(args.ckpt, "cuda", torch.bfloat16) if args.ckpt else random_model(name)
         torch.manual_seed(0)
         prompt = torch.randint(0, model.args.vocab_size, (1, args.prompt_len), device="cuda")
+        calib = torch.randint(0, model.args.vocab_size, (1, 256), device="cuda")
         for s in [0.0] + [s for s in args.sparsity if s > 0]:
-            step, zeros = compiled_step(model, "auto", s, prompt, args.cache)
+            step, zeros = compiled_step(model, "auto", s, prompt, calib, args.cache)
             cur, input_pos = prompt[:, -1:].clone(), torch.tensor([pos], device="cuda")
             for _ in range(5):
                 step(model, cur, input_pos, 0.0, None)
@@ -372,12 +381,11 @@ def bench_profile(args):
                     us, count = per_kernel.get(k, (0.0, 0))
                     per_kernel[k] = (us + e.device_time_total, count + 1)
             busy = sum(us for us, _ in per_kernel.values()) / n
-            weights = sum(us for k, (us, _) in per_kernel.items() if k.startswith(("linear", "gate", "up_down"))) / n
-            gb = weight_bytes_per_token(model, zeros) / 1e9
+            weights = sum(us for k, (us, _) in per_kernel.items() if k.startswith(WEIGHT_KERNELS)) / n
+            rate = weight_bytes_per_token(model, zeros) / (weights * 1e-6) / 1e9  # GB/s
             print(f"\n{name} {'dense' if s == 0 else f'cats {s:g}'} (measured sparsity {zeros:.3f}), position {pos}: "
                   f"step {wall:.0f} us (profiled), kernels busy {busy:.0f} us, between kernels {wall - busy:.0f} us; "
-                  f"weight-reading kernels {weights:.0f} us = {gb / weights * 1e6:.0f} GB/s ({100 * gb / weights * 1e6 / bw:.0f}% "
-                  f"of the {bw:.0f} GB/s read rate)")
+                  f"weight-reading kernels {weights:.0f} us = {rate:.0f} GB/s ({100 * rate / bw:.0f}% of the {bw:.0f} GB/s read rate)")
             print(f"  {'kernel':<40} {'us/step':>8} {'launches':>8} {'us each':>8}")
             for k, (us, count) in sorted(per_kernel.items(), key=lambda kv: -kv[1][0])[:12]:
                 print(f"  {k:<40} {us / n:8.1f} {count / n:8.0f} {us / count:8.2f}")

@@ -1234,6 +1234,16 @@ def test_decode_sparsity_counts_what_the_decode_steps_zero(model):
         model.set_thresholds(None, kernel="auto")
 
 
+def test_bench_profile_refuses_a_position_outside_the_kv_cache(monkeypatch):
+    """One clear line, before any model is built: the profiled position is prompt + new_tokens / 2."""
+    import argparse
+    import bench
+    monkeypatch.setattr(bench.kernel, "USE_PDL", False)
+    args = argparse.Namespace(prompt_len=16, new_tokens=256, cache=100, shapes=["llama2-7b"], ckpt=None, sparsity=[0.5])
+    with pytest.raises(SystemExit, match="position 144 .* must be inside the KV cache \\(100\\)"):
+        bench.bench_profile(args)
+
+
 def test_dense_threshold_none_keeps_every_neuron():
     x_of, ws = mlp_weights(64, 96, torch.float32, seed=5)
     for B in (1, 3):
