@@ -286,6 +286,16 @@ def decode_sparsity(model: Transformer, prompt: torch.Tensor, n: int) -> float:
     return mlp_sparsity(model, tokens[:, :-1], start=prompt.shape[1]).mean().item()
 
 
+def model_and_tokens(args, name: str):
+    """The model to time (the --ckpt checkpoint, or random weights of shape `name`), with the seeded
+    prompt and calibration tokens that every mode of `decode` and `profile` uses."""
+    model = Transformer.from_pretrained(args.ckpt, "cuda", torch.bfloat16) if args.ckpt else random_model(name)
+    torch.manual_seed(0)
+    prompt = torch.randint(0, model.args.vocab_size, (1, args.prompt_len), device="cuda")
+    calib = torch.randint(0, model.args.vocab_size, (1, 256), device="cuda")
+    return model, prompt, calib
+
+
 def compiled_step(model: Transformer, kernel_choice: str, sparsity: float, prompt: torch.Tensor,
                   calib: torch.Tensor, cache: int):
     """Set the model up for one mode and return (its decode step compiled into a CUDA graph and warmed
@@ -316,11 +326,8 @@ def bench_decode(args):
     print(f"{'shape':<11} {'mode':<20} {'sparsity':>8} {'tok/s':>7} {'x plain':>7} {'x dense':>7} {'GB/tok':>7} "
           f"{'GB/s':>6} {'limit tok/s':>11} {'% limit':>7}")
     for name in [args.ckpt.name] if args.ckpt else args.shapes:
-        model = Transformer.from_pretrained(args.ckpt, "cuda", torch.bfloat16) if args.ckpt else random_model(name)
+        model, prompt, calib = model_and_tokens(args, name)
         a = model.args
-        torch.manual_seed(0)
-        prompt = torch.randint(0, a.vocab_size, (1, args.prompt_len), device="cuda")
-        calib = torch.randint(0, a.vocab_size, (1, 256), device="cuda")
         kv = 2 * a.n_layer * a.n_kv_head * a.head_dim * 2 * args.cache / 1e9
         speed = {}
         for mode, s in [("plain torch (cuBLAS)", 0.0), ("dense", 0.0)] + [("cats", s) for s in args.sparsity]:
@@ -355,10 +362,7 @@ def bench_profile(args):
                          f"KV cache ({args.cache}); raise --cache")
     bw = ceilings() / 1e9
     for name in [args.ckpt.name] if args.ckpt else args.shapes:
-        model = Transformer.from_pretrained(args.ckpt, "cuda", torch.bfloat16) if args.ckpt else random_model(name)
-        torch.manual_seed(0)
-        prompt = torch.randint(0, model.args.vocab_size, (1, args.prompt_len), device="cuda")
-        calib = torch.randint(0, model.args.vocab_size, (1, 256), device="cuda")
+        model, prompt, calib = model_and_tokens(args, name)
         for s in [0.0] + [s for s in args.sparsity if s > 0]:
             step, zeros = compiled_step(model, "auto", s, prompt, calib, args.cache)
             cur, input_pos = prompt[:, -1:].clone(), torch.tensor([pos], device="cuda")
