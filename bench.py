@@ -118,8 +118,8 @@ def bench_sweep(args):
     current best), weights rotated through copies, at 50% sparsity; --config-out writes the best."""
     import json
     grids = {  # config function -> candidates; B = 1 uses the first three, B > 1 the next two
-        "gate_config": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=w) for n, k, w in
-                        [(16, 256, 4), (32, 256, 8), (8, 512, 4), (16, 512, 8)]],
+        "gate_config": [dict(BLOCK_N=n, programs=p, num_warps=w) for n, p, w in
+                        [(4, 264, 8), (2, 528, 4), (4, 264, 4), (2, 264, 8), (8, 132, 8)]],
         "up_down_config": [dict(BLOCK_J=j, programs=p, num_warps=w) for j, p, w in
                            [(2, 264, 4), (2, 198, 4), (2, 396, 4), (1, 264, 4), (2, 264, 8)]],
         "reduce_config": [dict(BLOCK=b, BLOCK_P=p, num_warps=w) for b, p, w in [(32, 16, 8), (64, 64, 4), (32, 64, 8)]],
@@ -344,7 +344,7 @@ def bench_decode(args):
         torch.cuda.empty_cache()
 
 
-WEIGHT_KERNELS = ("linear_kernel", "gate_kernel", "up_down_kernel")  # kernel.py's, at batch 1
+WEIGHT_KERNELS = ("gemv_kernel", "gate_kernel", "up_down_kernel")  # kernel.py's, at batch 1
 
 
 @torch.no_grad()

@@ -7,10 +7,11 @@ of the neuron-major W_down (w_down_t = W_down.T, [ffn, d]) are never needed. Two
 (KERNEL_LOG.md):
 
 One token (B = 1): compact, then read only what is needed.
-  1. gate_kernel: g = SiLU(W_gate x) for a block of neurons (dense: the mask is only known after it),
-     the threshold compare, and the block's list of kept neurons with its count.
-  2. up_down_kernel: every program takes an equal share of all kept neurons (a prefix sum of the block
-     counts, done in each program: no host sync, no extra launch) and for each reads its W_up row and
+  1. gate_kernel: g = SiLU(W_gate x) (dense: the mask is only known after it) and the threshold
+     compare, by blocks of neurons; each program writes the list of kept neurons of its blocks, and
+     its count.
+  2. up_down_kernel: every program takes an equal share of all kept neurons (a prefix sum of the
+     lists' counts, done in each program: no host sync, no extra launch) and for each reads its W_up row and
      w_down_t row, both contiguous: h = g * (W_up[j] . x), then out += h * w_down_t[j]. One fp32
      partial output per program. (v2 masked the inactive neurons' loads instead: its time hardly fell
      with sparsity; KERNEL_LOG.md.)
@@ -22,8 +23,10 @@ compact: gate_up_kernel computes gate and up for a block of neurons on the tenso
 to 16), skipping W_up rows no token needs; down_kernel reads w_down_t rows where some h != 0, writing a
 partial per slice of neurons; reduce_kernel as above. Each token keeps its own mask either way.
 
-linear_kernel: y = x W^T for the attention projections and the LM head at decode (same GEMV code as the
-gate; faster than cuBLAS for these shapes on the H200, see README).
+gemv_kernel: y = x W^T for the attention projections and the LM head at one token, the gate's GEMV
+code: persistent programs over blocks of whole rows, whose first block is loaded before the wait for
+the previous kernel (faster than cuBLAS for these shapes on the H200, see README). linear_kernel: the
+same for 2-8 tokens, on the tensor cores.
 
 A decoder layer's RMSNorm is folded into the product after it (`norm_weight`) and its residual add into
 the product before it (`residual`), so a decode layer is 6 kernels: q/k/v, attention, wo, gate,
@@ -60,6 +63,15 @@ def wait_for_previous_kernel():
 
 
 @triton.jit
+def release_next_kernel():
+    """Let the next kernel launch now rather than when this one ends, so that it can load its first
+    weights (which no kernel writes) while this one finishes; it still waits for all of this one's
+    writes before it reads any of them. Called by the kernels before a weight-reading kernel."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+@triton.jit
 def dot(a, b, acc):
     """acc += a @ b on the tensor cores, fp32 accumulation; a is cast to b's dtype."""
     if INTERPRET and b.dtype == tl.bfloat16:  # the CPU interpreter (numpy) has no bf16 matmul
@@ -71,43 +83,28 @@ def dot(a, b, acc):
 
 @triton.jit
 def rows_times_x(w_ptr, rows, row_ok, x_ptr, B, D, nw_ptr, eps, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                 BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, NORM: tl.constexpr):
-    """[BLOCK_B, BLOCK_N] fp32: x [B, D] times rows `rows` of w ([*, D], row-major). Rows not row_ok
-    are not read (masked loads move no bytes) and come out 0. NORM: RMSNorm(x) with weight nw instead of
-    x. Its 1/rms is one number per token, so it factors out of the sum: W (nw * x) / rms(x), and the sum
-    of squares is gathered in the same pass over x."""
+                 BLOCK_K: tl.constexpr, NORM: tl.constexpr):
+    """[BLOCK_B, BLOCK_N] fp32: x [B, D] times rows `rows` of w ([*, D], row-major), on the tensor cores:
+    W [BLOCK_N, K] @ x^T [K, BLOCK_B], tokens padded to 16 rows. Rows not row_ok are not read (masked
+    loads move no bytes) and come out 0. NORM: RMSNorm(x) with weight nw instead of x. Its 1/rms is one
+    number per token, so it factors out of the sum: W (nw * x) / rms(x), and the sum of squares is
+    gathered in the same pass over x."""
     bs = tl.arange(0, BLOCK_B)
     b_ok = bs < B
-    if USE_DOT:  # W [BLOCK_N, K] @ x^T [K, BLOCK_B], tokens padded to 16 rows (masked: no bytes)
-        acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
-        sq = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)  # squares per lane; summed once, at the end
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            w = tl.load(w_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x_t = tl.load(x_ptr + bs[None, :] * D + ks[:, None], mask=b_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
-            if NORM:
-                sq += x_t * x_t
-                x_t = x_t * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[:, None]
-            acc = dot(w, x_t.to(w.dtype), acc)
-        y = tl.trans(acc)
-        ss = tl.sum(sq, axis=0)[:, None]
-    else:  # one token, no tensor cores: products accumulate per lane, one reduction at the end
-        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-        sq = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        for k0 in range(0, D, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < D
-            w = tl.load(w_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            if NORM:
-                sq += x * x
-                x = x * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
-        y = tl.sum(acc, axis=1)[None, :]
-        ss = tl.sum(sq, axis=0)
+    acc = tl.zeros((BLOCK_N, BLOCK_B), dtype=tl.float32)
+    sq = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)  # squares per lane; summed once, at the end
+    for k0 in range(0, D, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < D
+        w = tl.load(w_ptr + rows[:, None] * D + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        x_t = tl.load(x_ptr + bs[None, :] * D + ks[:, None], mask=b_ok[None, :] & k_ok[:, None], other=0.0).to(tl.float32)
+        if NORM:
+            sq += x_t * x_t
+            x_t = x_t * tl.load(nw_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[:, None]
+        acc = dot(w, x_t.to(w.dtype), acc)
+    y = tl.trans(acc)
     if NORM:
-        y = y * tl.rsqrt(ss / D + eps)
+        y = y * tl.rsqrt(tl.sum(sq, axis=0)[:, None] / D + eps)
     return y
 
 
@@ -120,55 +117,102 @@ def cats(g, thr_ptr, ok, SPARSE: tl.constexpr):
 
 
 # ---------------------------------------------------------------------------------------------------
+# One token: matrix-vector products over blocks of whole rows, in persistent programs
+
+@triton.jit
+def weight_rows(w_ptr, block, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Rows block * BLOCK_N ... + BLOCK_N of w [N, D], whole; none past N (masked loads move no bytes)."""
+    rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+    ds = tl.arange(0, BLOCK_D)
+    return tl.load(w_ptr + rows[:, None] * D + ds[None, :], mask=(rows < N)[:, None] & (ds < D)[None, :], other=0.0)
+
+
+@triton.jit
+def input_vector(x_ptr, nw_ptr, eps, D, BLOCK_D: tl.constexpr, NORM: tl.constexpr):
+    """x [D] in fp32; NORM: RMSNorm(x) with weight nw."""
+    ds = tl.arange(0, BLOCK_D)
+    x = tl.load(x_ptr + ds, mask=ds < D, other=0.0).to(tl.float32)
+    if NORM:
+        x = x * tl.load(nw_ptr + ds, mask=ds < D, other=0.0).to(tl.float32) * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    return x
+
+
+@triton.jit
+def gemv_kernel(x_ptr, nw_ptr, eps, w_ptr, res_ptr, y_ptr, D, N, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """y [N] = [res +] [RMSNorm](x) W^T for one token. Program p takes the blocks of BLOCK_N rows p,
+    p + P, p + 2P, ... (P: a few programs an SM, so all run at once), and loads each block while it
+    multiplies the one before. Its first block is loaded before the wait for the previous kernel, so
+    those reads overlap that kernel's last ones instead of starting after them: a chain of GEMVs that
+    each wait lost 2.4-2.9 us a kernel to the restart (KERNEL_LOG.md, session 13)."""
+    release_next_kernel()
+    pid, P = tl.program_id(0), tl.num_programs(0)
+    w = weight_rows(w_ptr, pid, N, D, BLOCK_N, BLOCK_D)
+    wait_for_previous_kernel()
+    x = input_vector(x_ptr, nw_ptr, eps, D, BLOCK_D, NORM)
+    for block in range(pid, tl.cdiv(N, BLOCK_N), P):
+        w_next = weight_rows(w_ptr, block + P, N, D, BLOCK_N, BLOCK_D)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        y = tl.sum(w.to(tl.float32) * x[None, :], axis=1)
+        if RESIDUAL:
+            y += tl.load(res_ptr + rows, mask=rows < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=rows < N)
+        w = w_next
+
+
+# ---------------------------------------------------------------------------------------------------
 # One token: gate + compaction, then up and down over the kept neurons only
 
 @triton.jit
-def gate_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, thr_ptr, g_ptr, idx_ptr, cnt_ptr, D, F, BLOCK_N: tl.constexpr,
-                BLOCK_K: tl.constexpr, NORM: tl.constexpr, SPARSE: tl.constexpr):
-    """g [F] fp32 = CATS(SiLU(W_gate x)); idx[pid*BLOCK_N ...] = this block's kept neurons, in order;
-    cnt[pid] = how many."""
+def gate_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, thr_ptr, g_ptr, idx_ptr, cnt_ptr, D, F, CAP, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr, NORM: tl.constexpr, SPARSE: tl.constexpr):
+    """g [F] fp32 = CATS(SiLU(W_gate x)), by blocks of rows as in gemv_kernel; idx[pid * CAP ...] = the
+    kept neurons of this program's blocks, in order; cnt[pid] = how many. It does not release up_down
+    early: up_down has nothing to load before it knows which neurons are kept."""
+    pid, P = tl.program_id(0), tl.num_programs(0)
+    w = weight_rows(w_gate_ptr, pid, F, D, BLOCK_N, BLOCK_D)
     wait_for_previous_kernel()
-    pid = tl.program_id(0)
-    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < F
-    g = rows_times_x(w_gate_ptr, rows, row_ok, x_ptr, 1, D, nw_ptr, eps, BLOCK_N, 1, BLOCK_K, False, NORM)
-    g, keep = cats(tl.reshape(g, (BLOCK_N,)), thr_ptr, row_ok, SPARSE)
-    tl.store(g_ptr + rows, g, mask=row_ok)
-    pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
-    tl.store(idx_ptr + pid * BLOCK_N + pos, rows, mask=keep)
-    tl.store(cnt_ptr + pid, tl.sum(keep.to(tl.int32), axis=0))
+    x = input_vector(x_ptr, nw_ptr, eps, D, BLOCK_D, NORM)
+    n = tl.zeros((), dtype=tl.int32)
+    for block in range(pid, tl.cdiv(F, BLOCK_N), P):
+        w_next = weight_rows(w_gate_ptr, block + P, F, D, BLOCK_N, BLOCK_D)
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        g, keep = cats(tl.sum(w.to(tl.float32) * x[None, :], axis=1), thr_ptr, rows < F, SPARSE)
+        tl.store(g_ptr + rows, g, mask=rows < F)
+        tl.store(idx_ptr + pid * CAP + n + tl.cumsum(keep.to(tl.int32), axis=0) - 1, rows, mask=keep)
+        n += tl.sum(keep.to(tl.int32), axis=0)
+        w = w_next
+    tl.store(cnt_ptr + pid, n)
 
 
 @triton.jit
-def kept_neurons(pos, ok, counts, ends, idx_ptr, GATE_N: tl.constexpr):
+def kept_neurons(pos, ok, counts, ends, idx_ptr, CAP: tl.constexpr):
     """Neuron ids at positions pos of the list of all kept neurons, which gate_kernel left as one list
-    per block (block b: idx[b * GATE_N :][: counts[b]]); ends = inclusive prefix sum of counts."""
-    before = ends[None, :] <= pos[:, None]  # [J, blocks]: the blocks wholly before pos
-    block = tl.sum(before.to(tl.int32), axis=1)
+    per program (program b: idx[b * CAP :][: counts[b]]); ends = inclusive prefix sum of counts."""
+    before = ends[None, :] <= pos[:, None]  # [J, lists]: the lists wholly before pos
+    b = tl.sum(before.to(tl.int32), axis=1)
     start = tl.sum(tl.where(before, counts[None, :], 0), axis=1)
-    return tl.load(idx_ptr + block * GATE_N + pos - start, mask=ok, other=0)
+    return tl.load(idx_ptr + b * CAP + pos - start, mask=ok, other=0)
 
 
 @triton.jit
 def up_down_kernel(x_ptr, nw_ptr, eps, w_up_ptr, w_down_t_ptr, g_ptr, idx_ptr, cnt_ptr, part_ptr, D, NB,
-                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr, GATE_N: tl.constexpr,
+                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr, CAP: tl.constexpr,
                    NORM: tl.constexpr):
     """part[pid] = sum over this program's share of kept neurons j of g_j (W_up[j] . x) w_down_t[j]."""
     wait_for_previous_kernel()
-    blocks = tl.arange(0, BLOCK_NB)
-    counts = tl.load(cnt_ptr + blocks, mask=blocks < NB, other=0)
+    lists = tl.arange(0, BLOCK_NB)
+    counts = tl.load(cnt_ptr + lists, mask=lists < NB, other=0)
     ends = tl.cumsum(counts, axis=0)
     total = tl.sum(counts, axis=0)
     lo = tl.program_id(0) * total // tl.num_programs(0)
     hi = (tl.program_id(0) + 1) * total // tl.num_programs(0)
     ds = tl.arange(0, BLOCK_D)  # the whole row: one program owns all d outputs of its neurons
     d_ok = ds < D
-    x = tl.load(x_ptr + ds, mask=d_ok, other=0.0).to(tl.float32)
-    if NORM:
-        x = x * tl.load(nw_ptr + ds, mask=d_ok, other=0.0).to(tl.float32) * tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+    x = input_vector(x_ptr, nw_ptr, eps, D, BLOCK_D, NORM)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     js = tl.arange(0, BLOCK_J)
-    j = kept_neurons(lo + js, lo + js < hi, counts, ends, idx_ptr, GATE_N)
+    j = kept_neurons(lo + js, lo + js < hi, counts, ends, idx_ptr, CAP)
     for p0 in range(lo, hi, BLOCK_J):
         ok = p0 + js < hi
         w_up = tl.load(w_up_ptr + j[:, None] * D + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
@@ -176,7 +220,7 @@ def up_down_kernel(x_ptr, nw_ptr, eps, w_up_ptr, w_down_t_ptr, g_ptr, idx_ptr, c
         g = tl.load(g_ptr + j, mask=ok, other=0.0)
         # the next ids while this tile's rows are in flight (loading the next rows too, into registers,
         # measured 3 us slower: KERNEL_LOG.md)
-        j_next = kept_neurons(p0 + BLOCK_J + js, p0 + BLOCK_J + js < hi, counts, ends, idx_ptr, GATE_N)
+        j_next = kept_neurons(p0 + BLOCK_J + js, p0 + BLOCK_J + js < hi, counts, ends, idx_ptr, CAP)
         h = g * tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
         acc += tl.sum(h[:, None] * w_down.to(tl.float32), axis=0)
         j = j_next
@@ -196,12 +240,12 @@ def gate_up_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, w_up_ptr, thr_ptr, h_ptr, B, 
     row_ok = rows < F
     bs = tl.arange(0, BLOCK_B)
     b_ok = bs < B
-    g = rows_times_x(w_gate_ptr, rows, row_ok, x_ptr, B, D, nw_ptr, eps, BLOCK_N, BLOCK_B, BLOCK_K, True, NORM)
+    g = rows_times_x(w_gate_ptr, rows, row_ok, x_ptr, B, D, nw_ptr, eps, BLOCK_N, BLOCK_B, BLOCK_K, NORM)
     g, keep = cats(g, thr_ptr, b_ok[:, None] & row_ok[None, :], SPARSE)  # each token its own mask
     need = tl.max(keep.to(tl.int32), axis=0) > 0
     u = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
     if tl.max(need.to(tl.int32), axis=0) > 0:  # whole block unneeded: skip the loop, not just the bytes
-        u = rows_times_x(w_up_ptr, rows, need, x_ptr, B, D, nw_ptr, eps, BLOCK_N, BLOCK_B, BLOCK_K, True, NORM)
+        u = rows_times_x(w_up_ptr, rows, need, x_ptr, B, D, nw_ptr, eps, BLOCK_N, BLOCK_B, BLOCK_K, NORM)
     tl.store(h_ptr + bs[:, None] * F + rows[None, :], g * u, mask=b_ok[:, None] & row_ok[None, :])
 
 
@@ -232,6 +276,7 @@ def down_kernel(h_ptr, w_down_t_ptr, part_ptr, B, D, F, ROWS_PER_PROG,
 def reduce_kernel(part_ptr, res_ptr, out_ptr, N, P, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, RESIDUAL: tl.constexpr):
     """out[n] = sum over p of part[p, n], in a fixed order (+ res[n]). [BLOCK_P, BLOCK] tiles keep many
     loads in flight: adding one partial row at a time is a chain of L2 round trips (11 us in v2)."""
+    release_next_kernel()  # the next layer's q/k/v
     wait_for_previous_kernel()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -247,13 +292,13 @@ def reduce_kernel(part_ptr, res_ptr, out_ptr, N, P, BLOCK: tl.constexpr, BLOCK_P
 
 @triton.jit
 def linear_kernel(x_ptr, nw_ptr, eps, w_ptr, res_ptr, y_ptr, B, D, N, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-                  BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
-    """y = [res +] [RMSNorm](x) W^T: one program per BLOCK_N rows of W, all of d (no split, so the
-    residual add is a plain epilogue)."""
+                  BLOCK_K: tl.constexpr, NORM: tl.constexpr, RESIDUAL: tl.constexpr):
+    """Several tokens: y = [res +] [RMSNorm](x) W^T on the tensor cores, one program per BLOCK_N rows of W,
+    all of d (no split, so the residual add is a plain epilogue)."""
     wait_for_previous_kernel()
     rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     ok = rows < N
-    y = rows_times_x(w_ptr, rows, ok, x_ptr, B, D, nw_ptr, eps, BLOCK_N, BLOCK_B, BLOCK_K, USE_DOT, NORM)
+    y = rows_times_x(w_ptr, rows, ok, x_ptr, B, D, nw_ptr, eps, BLOCK_N, BLOCK_B, BLOCK_K, NORM)
     bs = tl.arange(0, BLOCK_B)
     out = bs[:, None] * N + rows[None, :]
     ok = (bs < B)[:, None] & ok[None, :]
@@ -287,6 +332,7 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m
     merges into y (count_ptr: one arrival counter per head). The new token's k and v are also written
     into the cache, at position pos, by the first query head of their group; the other programs take
     them from qkv rather than from the cache, so no program reads a slot that another is writing."""
+    release_next_kernel()  # wo
     wait_for_previous_kernel()
     bh, split = tl.program_id(0), tl.program_id(1)
     b, head = bh // N_HEAD, bh % N_HEAD
@@ -367,10 +413,17 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m
 # Launch configurations, chosen by measurement on an H200 (bench.py sweep; KERNEL_LOG.md): enough
 # programs to keep every SM busy with loads in flight, few enough that each reads a sizeable chunk.
 
+def gemv_config(D: int, N: int) -> dict:
+    """gemv_kernel and gate_kernel: blocks of whole rows, 2 programs an SM of the H200's 132 (4 with
+    few rows). Chains of 16 GEMVs, session 13: W_o 8.1 us a kernel against 9.6 for v3's one-shot
+    programs, W_qkv 23.1 against 24.7, W_gate 21.0 against 22.5. A block is at most 16k weights, so a
+    program holds two blocks in registers at any d."""
+    rows, programs, warps = (2, 528, 4) if N <= 4096 else (4, 264, 8)
+    return dict(BLOCK_N=max(1, min(rows, 16384 // triton.next_power_of_2(D))), programs=programs, num_warps=warps)
+
+
 def gate_config(D: int, F: int) -> dict:
-    if F > 12288:  # Mistral's 14336 rows in blocks of 16 left a second, nearly empty wave: 36.8 us, here 31.8
-        return dict(BLOCK_N=32, BLOCK_K=512, num_warps=4)
-    return dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)
+    return gemv_config(D, F)
 
 
 def up_down_config(D: int, F: int) -> dict:
@@ -402,16 +455,9 @@ def attention_config(B: int, n_head: int, S: int, block_s=64, programs=2048, num
     return dict(BLOCK_S=block_s, CHUNK=chunk, SPLITS=triton.cdiv(S, chunk), num_warps=num_warps)
 
 
-def linear_config(B: int, D: int, N: int, norm: bool = False) -> dict:
-    if B == 1 and norm:  # the norm's per-step work on the tensor-core path cost q/k/v 11 us more; here 1.6
-        big = N > 6144
-        return dict(BLOCK_N=32 if big else 16, BLOCK_K=256 if big else 512, num_warps=8 if big else 4, num_stages=1,
-                    USE_DOT=False)
-    if B == 1 and N <= 4096:  # few rows: small blocks, so every SM gets several programs
-        return dict(BLOCK_N=4, BLOCK_K=1024, num_warps=2, num_stages=1, USE_DOT=False)
-    if B == 1 and N <= 6144:
-        return dict(BLOCK_N=8, BLOCK_K=512, num_warps=4, num_stages=1, USE_DOT=False)
-    return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4, USE_DOT=True)
+def linear_config(B: int, D: int, N: int) -> dict:
+    """linear_kernel, several tokens (one token takes gemv_kernel)."""
+    return dict(BLOCK_N=64, BLOCK_K=128, num_warps=4, num_stages=4)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -423,13 +469,21 @@ def gate(x: Tensor, w_gate: Tensor, threshold: Optional[Tensor], nw=None, eps=0.
     """One token: (g [F] fp32, idx, cnt) as gate_kernel writes them."""
     D, F = x.shape[-1], w_gate.shape[0]
     c = gate_config(D, F)
-    nb = triton.cdiv(F, c["BLOCK_N"])
+    programs, cap = gate_lists(D, F)
     g, idx, cnt = out or (torch.empty(F, device=x.device, dtype=torch.float32),
-                          torch.empty(nb * c["BLOCK_N"], device=x.device, dtype=torch.int32),
-                          torch.empty(nb, device=x.device, dtype=torch.int32))
-    gate_kernel[(nb,)](x, x if nw is None else nw, eps, w_gate, x if threshold is None else threshold, g, idx, cnt, D, F,
-                       BLOCK_N=c["BLOCK_N"], BLOCK_K=c["BLOCK_K"], NORM=nw is not None, SPARSE=threshold is not None, num_warps=c["num_warps"], **LAUNCH)
+                          torch.empty(programs * cap, device=x.device, dtype=torch.int32),
+                          torch.empty(programs, device=x.device, dtype=torch.int32))
+    gate_kernel[(programs,)](x, x if nw is None else nw, eps, w_gate, x if threshold is None else threshold, g, idx, cnt,
+                             D, F, cap, BLOCK_N=c["BLOCK_N"], BLOCK_D=triton.next_power_of_2(D), NORM=nw is not None,
+                             SPARSE=threshold is not None, num_warps=c["num_warps"], **LAUNCH)
     return g, idx, cnt
+
+
+def gate_lists(D: int, F: int) -> tuple[int, int]:
+    """gate_kernel's programs, and the room for each one's list of kept neurons (all of its rows)."""
+    c = gate_config(D, F)
+    programs = min(c["programs"], triton.cdiv(F, c["BLOCK_N"]))
+    return programs, triton.cdiv(triton.cdiv(F, c["BLOCK_N"]), programs) * c["BLOCK_N"]
 
 
 def up_down(x: Tensor, w_up: Tensor, w_down_t: Tensor, g: Tensor, idx: Tensor, cnt: Tensor, nw=None, eps=0.0,
@@ -440,7 +494,7 @@ def up_down(x: Tensor, w_up: Tensor, w_down_t: Tensor, g: Tensor, idx: Tensor, c
     part = torch.empty((c["programs"], D), device=x.device, dtype=torch.float32) if part is None else part
     up_down_kernel[(c["programs"],)](x, x if nw is None else nw, eps, w_up, w_down_t, g, idx, cnt, part, D, cnt.numel(),
                                      BLOCK_J=c["BLOCK_J"], BLOCK_D=triton.next_power_of_2(D),
-                                     BLOCK_NB=triton.next_power_of_2(cnt.numel()), GATE_N=idx.numel() // cnt.numel(),
+                                     BLOCK_NB=triton.next_power_of_2(cnt.numel()), CAP=idx.numel() // cnt.numel(),
                                      NORM=nw is not None, num_warps=c["num_warps"], **LAUNCH)
     return part
 
@@ -530,13 +584,17 @@ def linear_triton(x: Tensor, w: Tensor, nw=None, eps=0.0, residual=None, out=Non
     if residual is not None and residual.shape != (B, N):
         raise ValueError(f"the residual must be [B, n] = {[B, N]}, got {list(residual.shape)}")
     y = torch.empty((B, N), device=x.device, dtype=x.dtype) if out is None else out
-    c = linear_config(B, D, N, nw is not None)
-    use_dot = B > 1 or c["USE_DOT"]
-    linear_kernel[(triton.cdiv(N, c["BLOCK_N"]),)](x, x if nw is None else nw, eps, w, x if residual is None else residual,
-                                                   y, B, D, N, BLOCK_N=c["BLOCK_N"], BLOCK_B=16 if use_dot else 1,
-                                                   BLOCK_K=c["BLOCK_K"], USE_DOT=use_dot, NORM=nw is not None,
-                                                   RESIDUAL=residual is not None, num_warps=c["num_warps"],
-                                                   num_stages=c["num_stages"], **LAUNCH)
+    args = (x, x if nw is None else nw, eps, w, x if residual is None else residual, y)
+    if B == 1:
+        c = gemv_config(D, N)
+        gemv_kernel[(min(c["programs"], triton.cdiv(N, c["BLOCK_N"])),)](
+            *args, D, N, BLOCK_N=c["BLOCK_N"], BLOCK_D=triton.next_power_of_2(D), NORM=nw is not None,
+            RESIDUAL=residual is not None, num_warps=c["num_warps"], **LAUNCH)
+        return y
+    c = linear_config(B, D, N)
+    linear_kernel[(triton.cdiv(N, c["BLOCK_N"]),)](*args, B, D, N, BLOCK_N=c["BLOCK_N"], BLOCK_B=16, BLOCK_K=c["BLOCK_K"],
+                                                   NORM=nw is not None, RESIDUAL=residual is not None,
+                                                   num_warps=c["num_warps"], num_stages=c["num_stages"], **LAUNCH)
     return y
 
 
