@@ -12,6 +12,8 @@ Timing: CUDA graphs (triton.testing.do_bench_cudagraph), median, after warm-up; 
 table is measured in the same run. Bandwidth limits use the read rate of one big sum, measured first.
 """
 import argparse
+import json
+import os
 from pathlib import Path
 
 import torch
@@ -21,7 +23,7 @@ import triton
 import kernel
 from generate import read_bandwidth
 from kernel import cats_mlp, cats_mlp_reference, linear, linear_reference
-from model import ModelArgs, Transformer
+from model import CheckpointError, ModelArgs, Transformer, read_config
 
 CONFIG_FUNCTIONS = ("gate_config", "up_down_config", "reduce_config", "gate_up_config", "down_config")
 DEFAULTS = {fn_name: getattr(kernel, fn_name) for fn_name in CONFIG_FUNCTIONS}  # kernel.py's own choices
@@ -116,7 +118,6 @@ def bench_mlp(args):
 def bench_sweep(args):
     """Time the whole cats_mlp over launch configurations of each kernel in turn (the others at their
     current best), weights rotated through copies, at 50% sparsity; --config-out writes the best."""
-    import json
     grids = {  # config function -> candidates; B = 1 uses the first three, B > 1 the next two
         "gate_config": [dict(BLOCK_N=n, programs=p, num_warps=w) for n, p, w in
                         [(4, 264, 8), (2, 528, 4), (4, 264, 4), (2, 264, 8), (8, 132, 8)]],
@@ -152,6 +153,7 @@ def bench_sweep(args):
             for fn_name in chosen:  # back to kernel.py's own, for the next batch size
                 setattr(kernel, fn_name, DEFAULTS[fn_name])
     if args.config_out:
+        Path(args.config_out).absolute().parent.mkdir(parents=True, exist_ok=True)
         with open(args.config_out, "w") as f:
             json.dump(best, f, indent=1)
 
@@ -173,8 +175,15 @@ def configured(fn_name, c):
 def use_configs(path):
     """Make cats_mlp use configurations found by `bench.py sweep`, by shape and batch size (a batch
     size not swept takes the nearest swept one; shapes not swept keep kernel.py's own)."""
-    import json
-    found = json.load(open(path))  # {"llama2-7b B=1": {"gate_config": {...}, ..., "us": 59.2}, ...}
+    try:
+        with open(path) as f:
+            found = json.load(f)  # {"llama2-7b B=1": {"gate_config": {...}, ..., "us": 59.2}, ...}
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: cannot read --config {path} ({e}); pass a file `bench.py sweep --config-out` wrote")
+    if not isinstance(found, dict) or not all(isinstance(v, dict) and k.split(" B=")[0] in SHAPES
+                                              and k.split(" B=")[-1].isdigit() for k, v in found.items()):
+        raise SystemExit(f"error: --config {path} is not a file `bench.py sweep --config-out` wrote (keys like "
+                         f"'llama2-7b B=1'); run the sweep again")
 
     def lookup(fn_name, D, F, B):
         entries = [(abs(int(key.split(" B=")[1]) - B), v[fn_name]) for key, v in found.items()
@@ -397,7 +406,7 @@ def bench_profile(args):
         torch.cuda.empty_cache()
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("mode", choices=["mlp", "linear", "decode", "profile", "sweep", "check"])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
@@ -409,14 +418,28 @@ def main():
     p.add_argument("--ckpt", type=Path, help="decode, profile: a real checkpoint folder instead of the random-weight --shapes")
     p.add_argument("--config-out", help="sweep: write the best launch configurations here (JSON)")
     p.add_argument("--config", help="use launch configurations from a sweep's JSON instead of kernel.py's")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        raise SystemExit("error: bench.py needs a CUDA GPU")
+    args = p.parse_args(argv)
+    # Bad input fails here, in one line, before the GPU check and long before a sweep ends.
+    for s in args.sparsity:
+        if not 0 <= s < 1:
+            raise SystemExit(f"error: --sparsity must be in [0, 1), got {s:g}")
+    if args.config_out:
+        out = Path(args.config_out)
+        folder = next(d for d in out.absolute().parents if d.exists())
+        if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
+            raise SystemExit(f"error: cannot write --config-out {out}; pass a file path somewhere writable")
     if args.config:
         use_configs(args.config)
-    print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16")
-    {"mlp": bench_mlp, "linear": bench_linear, "decode": bench_decode, "profile": bench_profile,
-     "sweep": bench_sweep, "check": bench_check}[args.mode](args)
+    try:
+        if args.ckpt:
+            ModelArgs.from_hf_config(read_config(args.ckpt), args.ckpt / "config.json")  # weights: as they load
+        if not torch.cuda.is_available():
+            raise SystemExit("error: bench.py needs a CUDA GPU")
+        print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16")
+        {"mlp": bench_mlp, "linear": bench_linear, "decode": bench_decode, "profile": bench_profile,
+         "sweep": bench_sweep, "check": bench_check}[args.mode](args)
+    except CheckpointError as e:
+        raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":

@@ -270,6 +270,9 @@ def check_args(args):
             raise ValueError(f"text file {f} does not exist")
     if args.data is not None:  # find out now, not after an hour of calibration, that --out cannot be written
         folder = next(p for p in args.out.absolute().parents if p.exists())  # the file's, or where it will be made
+        if not folder.is_dir():
+            raise ValueError(f"cannot write the threshold file {args.out}: {folder} is a file, not a folder; "
+                             f"pass --out PATH somewhere writable")
         if args.out.is_dir() or not os.access(folder, os.W_OK):
             raise ValueError(f"cannot write the threshold file {args.out}; pass --out PATH somewhere writable")
     check_device(args.device)
@@ -312,14 +315,13 @@ def calibrate(model, tokenizer, args) -> None:
               f"| {bound[f'{s:g}'] * 100:.4f} pp |")
 
 
-def evaluate_levels(model, tokenizer, args) -> None:
+def evaluate_levels(model, windows, args) -> None:
     if args.sparsity is None:
         levels = [0.0] + (available_sparsities(args.out) if args.out.is_file() else [])
     else:
         levels = sorted(set([0.0] + args.sparsity))  # dense is always the baseline
     signature = model_signature(model)
     thresholds = {s: load_thresholds(args.out, s, signature) for s in levels if s > 0}  # fail before the slow part
-    windows = token_windows(tokenizer, [args.eval], args.eval_tokens, args.seq_len)
     rows = []
     for s in levels:
         model.set_thresholds(thresholds.get(s), kernel="torch")
@@ -350,13 +352,19 @@ def main(argv=None):
                              f"({model.args.max_position_embeddings}); use a smaller one")
         print(f"loaded {args.ckpt} ({model.args.architecture}, {args.device}, {dtype}) in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
+        # --eval text too short for one window fails now, not after calibration has written --out
+        eval_windows = token_windows(tokenizer, [args.eval], args.eval_tokens, args.seq_len) if args.eval else None
         if args.data is not None:
             calibrate(model, tokenizer, args)
         if args.eval is not None:
-            evaluate_levels(model, tokenizer, args)
+            evaluate_levels(model, eval_windows, args)
     except (CheckpointError, ThresholdError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: a threshold file is only ever written whole, once calibration has finished",
+              file=sys.stderr)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

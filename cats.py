@@ -160,6 +160,12 @@ def read_threshold_file(path) -> tuple[dict[str, Tensor], dict[str, str]]:
     if meta.get("format") != FORMAT:
         raise ThresholdError(f"{path} is not a CATS threshold file (format {meta.get('format')!r}, "
                              f"expected {FORMAT!r}); calibrate again with calibrate.py")
+    for key, t in tensors.items():
+        # A NaN or inf threshold zeroes every activation and a negative one none: garbage, or dense unawares.
+        if key.startswith("sparsity_") and not (t.is_floating_point() and t.isfinite().all() and (t >= 0).all()):
+            what = f"{t.dtype} values" if not t.is_floating_point() else "NaN, inf or negative values"
+            raise ThresholdError(f"{path} is damaged: {key} holds {what}, not finite float thresholds >= 0; "
+                                 f"calibrate again")
     return tensors, meta
 
 

@@ -350,7 +350,8 @@ def parse_args(argv=None):
                    help="compute dtype (weights stay float32); default: bfloat16 on CUDA, float32 on CPU")
     args = p.parse_args(argv)
     args.thresholds = args.thresholds or default_threshold_path(args.ckpt)
-    args.dtype = args.dtype or ("bfloat16" if torch.device(args.device).type == "cuda" else "float32")
+    # not torch.device(args.device): a name it refuses would raise here; check_args reports it in one line
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     arm = "relu" if args.activation == "relu" else f"cats{args.sparsity:g}" if args.sparsity > 0 else "dense"
     args.log = args.log or Path("runs") / f"finetune-{arm}{'-full' if args.full else ''}.csv"
     return args
@@ -391,8 +392,12 @@ def check_args(args):
         if args.out.exists():
             raise ValueError(f"--out {args.out} already exists; a checkpoint is never overwritten: remove it or "
                              f"choose another folder")
+    if args.log.is_dir():
+        raise ValueError(f"--log {args.log} is a folder; pass the path of a CSV file to write")
     for path in [args.log] + ([args.out] if args.out else []):
         folder = next(p for p in path.absolute().parents if p.exists())
+        if not folder.is_dir():  # found out now, not after training
+            raise ValueError(f"cannot write {path}: {folder} is a file, not a folder")
         if not os.access(folder, os.W_OK):
             raise ValueError(f"cannot write {path}: {folder} is not writable")
     check_device(args.device)

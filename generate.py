@@ -8,6 +8,7 @@ The one-token decode step never syncs with the host (sampling included), so --co
 a CUDA graph; prefill runs eagerly. Temperature 0 is greedy.
 """
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -108,8 +109,13 @@ def check_args(args):
         raise ValueError(f"--sparsity must be in [0, 1), got {args.sparsity}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 <= args.temperature < math.inf:  # written this way round, NaN fails too
+        raise ValueError(f"--temperature must be a finite number >= 0 (0 = greedy), got {args.temperature}")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k must be >= 1, or 0 to sample from every token, got {args.top_k}")
+    if args.thresholds is not None and args.sparsity == 0:
+        raise ValueError("--thresholds is read only with --sparsity S (S > 0, a level in the file); "
+                         "pass --sparsity too")
     check_device(args.device)
     if args.kernel == "triton" and torch.device(args.device).type != "cuda":
         raise ValueError("--kernel triton needs a CUDA GPU; use --kernel torch (or drop --kernel) on the CPU")
@@ -172,6 +178,8 @@ def main(argv=None):
         model.set_kernel(args.kernel or "auto")
         set_sparsity(model, args)
         prompt = tokenizer.encode(args.prompt, bos=True)
+        if not prompt:  # nothing to condition on: this tokenizer starts texts with no BOS token
+            raise ValueError("--prompt is empty; give some text to continue")
         context = model.args.max_position_embeddings
         if len(prompt) >= context:
             raise ValueError(f"the prompt is {len(prompt)} tokens but the model's context is {context}; shorten it")
@@ -221,4 +229,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: end the streamed text's line, then one line saying so
+        print(flush=True)
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -47,7 +47,8 @@ class ModelArgs:
     eos_token_id: Optional[int] = None
 
     @classmethod
-    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+    def from_hf_config(cls, cfg: dict, path="config.json") -> "ModelArgs":
+        """path: the file cfg came from, for the error messages."""
         arch = (cfg.get("architectures") or [None])[0]
         if arch not in SUPPORTED_ARCHITECTURES:
             raise CheckpointError(f"unsupported architecture {arch!r} (model_type {cfg.get('model_type')!r}); "
@@ -57,11 +58,27 @@ class ModelArgs:
         if cfg.get("attention_bias") or cfg.get("mlp_bias"):
             raise CheckpointError("unsupported: attention_bias / mlp_bias are set; Llama and Mistral have no biases")
         # transformers >= 5 writes rope settings under "rope_parameters"; older checkpoints at the top level.
-        rope = dict(cfg.get("rope_parameters") or cfg.get("rope_scaling") or {})
+        rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        rope = dict(cfg.get(rope_key) or {})
         rope_base = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type not in ("default", "llama3", "linear"):
             raise CheckpointError(f"unsupported rope scaling {rope_type!r}; supported: default, llama3, linear")
+        needs = {"llama3": ("factor", "low_freq_factor", "high_freq_factor"), "linear": ("factor",)}
+        for field in needs.get(rope_type, ()):
+            v = rope.get(field)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                raise CheckpointError(f"{path}: {rope_key} of type {rope_type} needs {field}, a number > 0, "
+                                      f"got {v!r}; fix config.json or re-download it")
+        # Checked here, not where they are used: a string or a 0 would fail deep inside torch.
+        required = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+        for field in required + ("num_key_value_heads", "head_dim", "max_position_embeddings"):
+            v = cfg.get(field)
+            if v is None and field in required:
+                raise CheckpointError(f"{path} has no {field}; it is not a complete config.json, re-download it")
+            if v is not None and (type(v) is not int or v < 1):  # type, not isinstance: True is an int too
+                raise CheckpointError(f"{path}: {field} is {v!r}, not an integer >= 1; fix config.json or "
+                                      f"re-download it")
         n_head = cfg["num_attention_heads"]
         eos = cfg.get("eos_token_id")
         return cls(
@@ -317,7 +334,7 @@ class Transformer(nn.Module):
         Tensors go straight from the file into `dtype` on `device`; the model is built on the meta
         device first, so no second full copy of the weights is ever made. dtype=None keeps the file's."""
         ckpt_dir = Path(ckpt_dir)
-        args = ModelArgs.from_hf_config(read_config(ckpt_dir))
+        args = ModelArgs.from_hf_config(read_config(ckpt_dir), ckpt_dir / "config.json")
         with torch.device("meta"):
             model = cls(args)
         state = load_state_dict(ckpt_dir, args, device, dtype)
@@ -343,12 +360,25 @@ class Transformer(nn.Module):
 # Reading a checkpoint folder
 
 def check_device(device: str) -> None:
-    """For the command lines: a CUDA device on a machine without one fails at once, saying what to do."""
-    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+    """For the command lines: a device this machine cannot run on fails at once, saying what to do."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:  # not a device name at all, e.g. "gpu"
+        dev = None
+    if dev is not None and dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device} asked for, but no CUDA GPU is available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+                             f"numbered from 0; use --device cuda")
+    elif dev is None or dev.type != "cpu":  # mps, meta, ...: the model and kernels run on cpu and cuda only
+        raise ValueError(f"--device {device} is not available here; use cpu or cuda")
 
 
 def read_config(ckpt_dir: Path) -> dict:
+    if ckpt_dir.is_file():
+        hint = ckpt_dir.parent if ckpt_dir.name == "config.json" else "the folder holding config.json and *.safetensors"
+        raise CheckpointError(f"{ckpt_dir} is a file, not a checkpoint folder; pass {hint}")
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"checkpoint folder {ckpt_dir} does not exist; pass the folder holding "
                               f"config.json and *.safetensors")
@@ -356,16 +386,22 @@ def read_config(ckpt_dir: Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; a Hugging Face checkpoint folder needs config.json")
     try:
-        return json.loads(path.read_text())
+        cfg = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(cfg).__name__}, not an object of settings; re-download it")
+    return cfg
 
 
 def safetensors_files(ckpt_dir: Path) -> list[Path]:
     index = ckpt_dir / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        files = [ckpt_dir / n for n in names]
+        try:
+            files = [ckpt_dir / n for n in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        except (ValueError, KeyError, TypeError, AttributeError):  # not JSON, or no {tensor name: file name} map
+            raise CheckpointError(f"{index} is corrupt: not JSON with a weight_map of tensor names to files; "
+                                  f"re-download it") from None
     else:
         files = [ckpt_dir / "model.safetensors"]
     for f in files:
@@ -490,7 +526,11 @@ def load_tokenizer(ckpt_dir) -> Tokenizer:
     ckpt_dir = Path(ckpt_dir)
     if (ckpt_dir / "tokenizer.model").is_file():
         from sentencepiece import SentencePieceProcessor
-        sp = SentencePieceProcessor(model_file=str(ckpt_dir / "tokenizer.model"))
+        try:
+            sp = SentencePieceProcessor(model_file=str(ckpt_dir / "tokenizer.model"))
+        except RuntimeError as e:
+            raise CheckpointError(f"{ckpt_dir / 'tokenizer.model'} is not a readable tokenizer ({e}); "
+                                  f"re-download it") from None
         bos, eos = sp.bos_id(), sp.eos_id()
         bos, eos = (bos if bos >= 0 else None), (eos if eos >= 0 else None)
         return Tokenizer(lambda s, b: ([bos] if b and bos is not None else []) + sp.encode(s), sp.decode, bos, eos)
@@ -499,7 +539,11 @@ def load_tokenizer(ckpt_dir) -> Tokenizer:
             from tokenizers import Tokenizer as HFTokenizer
         except ImportError:
             raise CheckpointError(f"{ckpt_dir} has only tokenizer.json; `pip install tokenizers` to read it") from None
-        tok = HFTokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
+        try:
+            tok = HFTokenizer.from_file(str(ckpt_dir / "tokenizer.json"))
+        except Exception as e:  # tokenizers raises a plain Exception for a file it cannot parse
+            raise CheckpointError(f"{ckpt_dir / 'tokenizer.json'} is not a readable tokenizer ({e}); "
+                                  f"re-download it") from None
         cfg = read_config(ckpt_dir)
         eos = cfg.get("eos_token_id")
         # tokenizer.json carries its own rule for the start of a text (Llama-3 adds <|begin_of_text|>,

@@ -1576,3 +1576,170 @@ def test_finetune_bad_input_fails_cleanly(tiny, tiny_thresholds, tmp_path, capsy
     }[case]
     fails_with_one_line(finetune.main, argv, says, capsys)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"] and not any((tmp_path / "taken").iterdir())
+
+
+# ---------------------------------------------------------------------------------------------------
+# More bad input: files that parse but are wrong, bad flags, paths that cannot be written, Ctrl-C
+
+def without(d: Path, field: str):
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg[field]
+    (d / "config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("case,says", [
+    ("list", "holds a JSON list"), ("no-hidden-size", "has no hidden_size"), ("layers-str", "num_hidden_layers is '2'"),
+    ("zero-heads", "num_attention_heads is 0"), ("llama3-rope-partial", "low_freq_factor")])
+def test_config_that_parses_but_is_wrong(good_ckpt, tmp_path, case, says):
+    d = broken_copy(good_ckpt, tmp_path)
+    if case == "list":
+        (d / "config.json").write_text("[]")
+    elif case == "no-hidden-size":
+        without(d, "hidden_size")
+    elif case == "layers-str":
+        edit_config(d, num_hidden_layers="2")
+    elif case == "zero-heads":
+        edit_config(d, num_attention_heads=0)
+    else:  # llama3 scaling needs low_freq_factor and high_freq_factor too
+        edit_config(d, rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0}, rope_scaling=None)
+    check_error(lambda: Transformer.from_pretrained(d), str(d / "config.json"), says)
+
+
+@pytest.mark.parametrize("name,text", [("tokenizer.json", "{not json"), ("tokenizer.json", "{}"),
+                                       ("tokenizer.model", "not a sentencepiece model")])
+def test_corrupt_tokenizer(tmp_path, name, text):
+    pytest.importorskip("tokenizers" if name.endswith(".json") else "sentencepiece")
+    write_config(tmp_path)
+    (tmp_path / name).write_text(text)
+    check_error(lambda: load_tokenizer(tmp_path), str(tmp_path / name), "re-download")
+
+
+@pytest.mark.parametrize("text", ["{}", "{not json", '{"weight_map": []}'])
+def test_corrupt_shard_index(good_ckpt, tmp_path, text):
+    d = broken_copy(good_ckpt, tmp_path, "sharded")
+    (d / "model.safetensors.index.json").write_text(text)
+    check_error(lambda: Transformer.from_pretrained(d), "model.safetensors.index.json", "corrupt")
+
+
+def test_checkpoint_path_that_is_a_file(good_ckpt, tmp_path):
+    d = broken_copy(good_ckpt, tmp_path)
+    check_error(lambda: Transformer.from_pretrained(d / "config.json"), "is a file, not a checkpoint folder", str(d))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -0.1, "int32"])
+def test_threshold_file_with_unusable_values(tmp_path, value):
+    from safetensors.torch import save_file
+    path = tmp_path / "thr.safetensors"
+    if value == "int32":  # save_thresholds always writes float32: write the file by hand
+        save_file({"sparsity_0.5": torch.zeros(3, dtype=torch.int32)}, str(path), metadata={"format": "cats-thresholds/1"})
+    else:
+        save_thresholds(path, {0.5: torch.tensor([0.1, value, 0.2])}, {"n_layer": 3})
+    with pytest.raises(ThresholdError) as e:
+        read_threshold_file(path)
+    assert f"{path} is damaged: sparsity_0.5" in str(e.value)
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--top-k", "-5"], "--top-k must be >= 1"), (["--temperature", "nan"], "--temperature must be a finite number"),
+    (["--temperature", "inf"], "--temperature must be a finite number"),
+    (["--thresholds", "nope.safetensors"], "pass --sparsity too"),
+    (["--device", "gpu"], "--device gpu is not available here; use cpu or cuda"),
+    (["--device", "mps"], "--device mps is not available here; use cpu or cuda"),
+    (["--device", "meta"], "--device meta is not available here")])
+def test_generate_bad_flags_fail_before_loading(cli_ckpt, capsys, monkeypatch, argv, says):
+    import generate
+    monkeypatch.setattr(generate.Transformer, "from_pretrained", None)  # reaching it would be a TypeError
+    fails_with_one_line(generate.main, ["--ckpt", str(cli_ckpt)] + argv, says, capsys)
+
+
+def test_generate_empty_prompt(cli_ckpt, tmp_path, capsys):
+    import generate
+    d = tmp_path / "ckpt"
+    shutil.copytree(cli_ckpt, d)  # the same vocabulary, but a tokenizer that starts texts with nothing
+    bpe_tokenizer(random_text(4500, seed=6), bos_rule=False).save(str(d / "tokenizer.json"))
+    fails_with_one_line(generate.main, ["--ckpt", str(d), "--prompt", "", "--device", "cpu"], "--prompt is empty", capsys)
+
+
+@pytest.mark.parametrize("case", ["out-under-a-file", "eval-too-short", "device-gpu"])
+def test_calibrate_fails_before_writing(tiny, tmp_path, capsys, case):
+    ckpt, data = tiny
+    (tmp_path / "afile").write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("just a few words\n")
+    out = tmp_path / "thr.safetensors"
+    base = ["--ckpt", str(ckpt), "--data", str(data), "--tokens", "256", "--seq-len", "128", "--sparsity", "0.5"]
+    argv, says = {
+        "out-under-a-file": (base + ["--out", str(tmp_path / "afile" / "thr.safetensors")], "afile is a file"),
+        "eval-too-short": (base + ["--out", str(out), "--eval", str(short)], "less than one 128-token window"),
+        "device-gpu": (base + ["--out", str(out), "--device", "gpu"], "--device gpu is not available here"),
+    }[case]
+    fails_with_one_line(calibrate.main, argv, says, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "short.txt"]
+
+
+@pytest.mark.parametrize("case", ["out-under-a-file", "log-under-a-file", "log-is-a-folder", "device-gpu"])
+def test_finetune_fails_before_training(tiny, tmp_path, capsys, case):
+    ckpt, data = tiny
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "adir").mkdir()
+    log = tmp_path / "logs" / "log.csv"
+    base = ["--ckpt", str(ckpt), "--data", str(data), "--seq-len", "128", "--batch-tokens", "256", "--steps", "1",
+            "--lora-rank", "4"]
+    argv, says = {
+        "out-under-a-file": (base + ["--log", str(log), "--out", str(tmp_path / "afile" / "out")], "afile is a file"),
+        "log-under-a-file": (base + ["--log", str(tmp_path / "afile" / "log.csv")], "afile is a file"),
+        "log-is-a-folder": (base + ["--log", str(tmp_path / "adir")], "adir is a folder"),
+        "device-gpu": (base + ["--log", str(log), "--device", "gpu"], "--device gpu is not available here"),
+    }[case]
+    fails_with_one_line(finetune.main, argv, says, capsys)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"] and not any((tmp_path / "adir").iterdir())
+
+
+def test_bench_bad_input_fails_before_the_gpu_check(good_ckpt, tmp_path):
+    import bench
+    (tmp_path / "bad.json").write_text("{\n")
+    (tmp_path / "afile").write_text("")
+    for argv, says in [
+        (["mlp", "--sparsity", "0.5", "1.5"], "--sparsity must be in \\[0, 1\\), got 1.5"),
+        (["mlp", "--config", str(tmp_path / "nope.json")], "cannot read --config .*nope.json"),
+        (["mlp", "--config", str(tmp_path / "bad.json")], "cannot read --config .*bad.json"),
+        (["sweep", "--config-out", str(tmp_path / "afile" / "best.json")], "cannot write --config-out"),
+        (["decode", "--ckpt", str(tmp_path / "nockpt")], "nockpt does not exist"),
+        (["decode", "--ckpt", str(good_ckpt / "single" / "config.json")], "is a file, not a checkpoint folder"),
+    ]:
+        with pytest.raises(SystemExit, match=f"^error: .*{says}"):
+            bench.main(argv)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "bad.json"]
+
+
+def test_calibrate_ctrl_c_is_one_line(tiny, tmp_path, capsys, monkeypatch):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(calibrate, "sequential_thresholds", interrupted)
+    argv = ["--ckpt", str(tiny[0]), "--data", str(tiny[1]), "--tokens", "256", "--seq-len", "128", "--sparsity", "0.5",
+            "--out", str(tmp_path / "thr.safetensors")]
+    try:
+        calibrate.main(argv)
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl-C left calibrate.main as a KeyboardInterrupt: a traceback on the command line")
+    except SystemExit as e:
+        assert e.code == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("interrupted") and not any(l.startswith(("error", "Traceback")) for l in err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_generate_ctrl_c_is_one_line(cli_ckpt):
+    # Ctrl-C once the model is loaded, through the script's own entry point (its `if __name__ == "__main__"`)
+    code = textwrap.dedent(f"""
+        import runpy, sys, model
+        def interrupt(*args):
+            raise KeyboardInterrupt
+        model.Transformer.setup_caches = interrupt
+        sys.argv = ["generate.py", "--ckpt", {str(cli_ckpt)!r}, "--device", "cpu", "--prompt", "ab cd"]
+        runpy.run_path("generate.py", run_name="__main__")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 130 and r.stderr.strip().splitlines()[-1] == "interrupted", r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
