@@ -2,6 +2,7 @@
 
     python bench.py mlp                  # MLP: cuBLAS dense vs cats_mlp, sparsity 0-0.9, batch 1-8
     python bench.py linear               # kernel.linear vs cuBLAS for the other decode projections
+    python bench.py chain                # what a kernel boundary costs a chain of one-token GEMVs
     python bench.py decode               # whole model: tok/s dense vs CATS 0.5 / 0.7, 256 tokens
     python bench.py decode --ckpt DIR    # the same on a real checkpoint
     CATS_PDL=0 python bench.py profile   # where a compiled decode step's time goes, kernel by kernel
@@ -120,7 +121,7 @@ def bench_sweep(args):
     current best), weights rotated through copies, at 50% sparsity; --config-out writes the best."""
     grids = {  # config function -> candidates; B = 1 uses the first three, B > 1 the next two
         "gate_config": [dict(BLOCK_N=n, programs=p, num_warps=w) for n, p, w in
-                        [(4, 264, 8), (2, 528, 4), (4, 264, 4), (2, 264, 8), (8, 132, 8)]],
+                        [(2, 528, 4), (4, 264, 8), (2, 264, 8), (4, 528, 4), (8, 132, 8)]],
         "up_down_config": [dict(BLOCK_J=j, programs=p, num_warps=w) for j, p, w in
                            [(2, 264, 4), (2, 198, 4), (2, 396, 4), (1, 264, 4), (2, 264, 8)]],
         "reduce_config": [dict(BLOCK=b, BLOCK_P=p, num_warps=w) for b, p, w in [(32, 16, 8), (64, 64, 4), (32, 64, 8)]],
@@ -227,6 +228,26 @@ def bench_linear(args):
                 print(f"{name:<11} {label:<7} {B:>2} {cublas:>9.1f} {ours:>9.1f} {cublas / ours:>8.3f} {gbs:>6.0f} "
                       f"{100 * gbs / (bw / 1e9):>8.1f}%", flush=True)
             del copies
+
+
+def bench_chain(args):
+    """What a kernel boundary costs: 16 one-token GEMVs over 16 weight matrices, each launch waiting
+    for the one before (as in a decode step), against one GEMV over all their rows: the same bytes,
+    read in one launch."""
+    bw = ceilings()
+    print(f"{'shape':<11} {'matrix':<7} {'16 launches us':>14} {'1 launch us':>11} {'per boundary us':>15} {'TB/s, 16 / 1':>13}")
+    for name in args.shapes:
+        d, ffn = SHAPES[name][:2]
+        for label, n in (("wo", d), ("w_gate", ffn)):
+            w = torch.randn(16 * n, d, device="cuda", dtype=torch.bfloat16) / d ** 0.5
+            x = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
+            y = torch.empty(1, 16 * n, device="cuda", dtype=torch.bfloat16)
+            parts, outs = w.view(16, n, d), y.view(16, n)
+            chain = bench_us(lambda: [kernel.linear_triton(x, parts[i], out=outs[i][None]) for i in range(16)])
+            whole = bench_us(lambda: kernel.linear_triton(x, w, out=y))
+            tbs = [w.numel() * 2 / t / 1e6 for t in (chain, whole)]
+            print(f"{name:<11} {label:<7} {chain:>14.1f} {whole:>11.1f} {(chain - whole) / 15:>15.2f} "
+                  f"{tbs[0]:>6.2f} / {tbs[1]:.2f}  (read ceiling {bw / 1e12:.2f})", flush=True)
 
 
 def bench_check(args):
@@ -408,7 +429,7 @@ def bench_profile(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["mlp", "linear", "decode", "profile", "sweep", "check"])
+    p.add_argument("mode", choices=["mlp", "linear", "chain", "decode", "profile", "sweep", "check"])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9])
@@ -436,7 +457,7 @@ def main(argv=None):
         if not torch.cuda.is_available():
             raise SystemExit("error: bench.py needs a CUDA GPU")
         print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16")
-        {"mlp": bench_mlp, "linear": bench_linear, "decode": bench_decode, "profile": bench_profile,
+        {"mlp": bench_mlp, "linear": bench_linear, "chain": bench_chain, "decode": bench_decode, "profile": bench_profile,
          "sweep": bench_sweep, "check": bench_check}[args.mode](args)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None

@@ -414,12 +414,12 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m
 # programs to keep every SM busy with loads in flight, few enough that each reads a sizeable chunk.
 
 def gemv_config(D: int, N: int) -> dict:
-    """gemv_kernel and gate_kernel: blocks of whole rows, 2 programs an SM of the H200's 132 (4 with
-    few rows). Chains of 16 GEMVs, session 13: W_o 8.1 us a kernel against 9.6 for v3's one-shot
-    programs, W_qkv 23.1 against 24.7, W_gate 21.0 against 22.5. A block is at most 16k weights, so a
-    program holds two blocks in registers at any d."""
-    rows, programs, warps = (2, 528, 4) if N <= 4096 else (4, 264, 8)
-    return dict(BLOCK_N=max(1, min(rows, 16384 // triton.next_power_of_2(D))), programs=programs, num_warps=warps)
+    """gemv_kernel and gate_kernel: blocks of 2 whole rows, 4 programs an SM of the H200's 132. What a
+    kernel boundary costs (`bench.py chain`, session 13): 0.8 us for W_o and 1.5 for a W_gate of
+    Llama-2-7B, where blocks of 4 rows in 264 programs of 8 warps lost 1.9 on W_gate; in the decode
+    step that gave CATS 0.5 +0.7% on both 7B shapes. A block is at most 16k weights, so a program
+    holds two blocks in registers at any d."""
+    return dict(BLOCK_N=max(1, min(2, 16384 // triton.next_power_of_2(D))), programs=528, num_warps=4)
 
 
 def gate_config(D: int, F: int) -> dict:
