@@ -116,20 +116,22 @@ def bench_mlp(args):
     return rows
 
 
+SWEEP_GRIDS = {  # config function -> candidates; B = 1 uses the first three, B > 1 the next two
+    "gate_config": [dict(BLOCK_N=n, programs=p, num_warps=w) for n, p, w in
+                    [(2, 528, 4), (4, 264, 8), (2, 264, 8), (4, 528, 4), (8, 132, 8)]],
+    "up_down_config": [dict(BLOCK_J=j, programs=p, num_warps=w) for j, p, w in
+                       [(2, 264, 4), (2, 198, 4), (2, 396, 4), (1, 264, 4), (2, 264, 8)]],
+    "reduce_config": [dict(BLOCK=b, BLOCK_P=p, num_warps=w) for b, p, w in [(32, 16, 8), (64, 64, 4), (32, 64, 8)]],
+    "gate_up_config": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=4, num_stages=st) for n, k, st in
+                       [(32, 128, 4), (64, 128, 4), (32, 256, 3), (64, 256, 3), (128, 128, 4)]],
+    "down_config": [dict(BLOCK_D=bd, BLOCK_J=bj, programs=p) for bd, bj, p in
+                    [(128, 16, 1024), (128, 32, 1024), (256, 32, 1024), (128, 16, 2048), (256, 16, 512)]],
+}
+
+
 def bench_sweep(args):
     """Time the whole cats_mlp over launch configurations of each kernel in turn (the others at their
     current best), weights rotated through copies, at 50% sparsity; --config-out writes the best."""
-    grids = {  # config function -> candidates; B = 1 uses the first three, B > 1 the next two
-        "gate_config": [dict(BLOCK_N=n, programs=p, num_warps=w) for n, p, w in
-                        [(2, 528, 4), (4, 264, 8), (2, 264, 8), (4, 528, 4), (8, 132, 8)]],
-        "up_down_config": [dict(BLOCK_J=j, programs=p, num_warps=w) for j, p, w in
-                           [(2, 264, 4), (2, 198, 4), (2, 396, 4), (1, 264, 4), (2, 264, 8)]],
-        "reduce_config": [dict(BLOCK=b, BLOCK_P=p, num_warps=w) for b, p, w in [(32, 16, 8), (64, 64, 4), (32, 64, 8)]],
-        "gate_up_config": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=4, num_stages=st) for n, k, st in
-                           [(32, 128, 4), (64, 128, 4), (32, 256, 3), (64, 256, 3), (128, 128, 4)]],
-        "down_config": [dict(BLOCK_D=bd, BLOCK_J=bj, programs=p) for bd, bj, p in
-                        [(128, 16, 1024), (128, 32, 1024), (256, 32, 1024), (128, 16, 2048), (256, 16, 512)]],
-    }
     best = {}
     for name in args.shapes:
         d, ffn = SHAPES[name][:2]
@@ -142,7 +144,7 @@ def bench_sweep(args):
             for fn_name in (["gate_config", "up_down_config", "reduce_config"] if B == 1 else
                             ["gate_up_config", "down_config", "reduce_config"]):
                 results = []
-                for c in grids[fn_name]:
+                for c in SWEEP_GRIDS[fn_name]:
                     setattr(kernel, fn_name, configured(fn_name, c))
                     results.append((time_or_inf(run), c))
                 results.sort(key=lambda r: r[0])
@@ -185,6 +187,12 @@ def use_configs(path):
                                               and k.split(" B=")[-1].isdigit() for k, v in found.items()):
         raise SystemExit(f"error: --config {path} is not a file `bench.py sweep --config-out` wrote (keys like "
                          f"'llama2-7b B=1'); run the sweep again")
+    for key, v in found.items():  # each entry's fields as this version's sweep writes them (kernels change)
+        for fn_name, c in v.items():
+            if fn_name != "us" and (fn_name not in SWEEP_GRIDS or not isinstance(c, dict)
+                                    or set(c) != set(SWEEP_GRIDS[fn_name][0])):
+                raise SystemExit(f"error: --config {path}: {key} {fn_name} is {c}, not a configuration of this "
+                                 f"kernel.py (fields {sorted(SWEEP_GRIDS.get(fn_name, [{}])[0])}); run the sweep again")
 
     def lookup(fn_name, D, F, B):
         entries = [(abs(int(key.split(" B=")[1]) - B), v[fn_name]) for key, v in found.items()

@@ -59,6 +59,9 @@ class ModelArgs:
             raise CheckpointError("unsupported: attention_bias / mlp_bias are set; Llama and Mistral have no biases")
         # transformers >= 5 writes rope settings under "rope_parameters"; older checkpoints at the top level.
         rope_key = "rope_parameters" if cfg.get("rope_parameters") else "rope_scaling"
+        if not isinstance(cfg.get(rope_key) or {}, dict):
+            raise CheckpointError(f"{path}: {rope_key} is {cfg[rope_key]!r}, not an object of settings; fix "
+                                  f"config.json or re-download it")
         rope = dict(cfg.get(rope_key) or {})
         rope_base = rope.pop("rope_theta", cfg.get("rope_theta", 10000.0))
         rope_type = rope.get("rope_type", rope.get("type", "default"))
@@ -80,11 +83,17 @@ class ModelArgs:
                 raise CheckpointError(f"{path}: {field} is {v!r}, not an integer >= 1; fix config.json or "
                                       f"re-download it")
         n_head = cfg["num_attention_heads"]
+        n_kv_head = cfg.get("num_key_value_heads") or n_head
+        head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+        if n_head % n_kv_head or head_dim % 2 or (cfg.get("head_dim") is None and cfg["hidden_size"] % n_head):
+            raise CheckpointError(f"{path}: {n_head} attention heads, {n_kv_head} key/value heads and head size "
+                                  f"{head_dim} do not fit: the heads must split evenly into key/value groups (and "
+                                  f"hidden_size into heads, without head_dim), and RoPE needs an even head size; "
+                                  f"fix config.json or re-download it")
         eos = cfg.get("eos_token_id")
         return cls(
-            dim=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"], n_head=n_head,
-            n_kv_head=cfg.get("num_key_value_heads") or n_head,
-            head_dim=cfg.get("head_dim") or cfg["hidden_size"] // n_head,
+            dim=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"], n_head=n_head, n_kv_head=n_kv_head,
+            head_dim=head_dim,
             intermediate_size=cfg["intermediate_size"], vocab_size=cfg["vocab_size"],
             norm_eps=cfg.get("rms_norm_eps", 1e-5), rope_base=rope_base,
             rope_scaling=None if rope_type == "default" else {"rope_type": rope_type, **rope},

@@ -1040,6 +1040,7 @@ def big_blocks(monkeypatch):
 
 KERNEL_CASES = [  # (d, ffn, B, dtype): odd sizes, SmolLM2's, 7B shapes; every dtype; 1 to 8 tokens
     (37, 53, 1, torch.float32), (37, 53, 8, torch.bfloat16), (37, 53, 5, torch.float16), (37, 53, 1, torch.bfloat16),
+    (37, 1101, 1, torch.float32),  # one token: several blocks a program, the last one partial
     (1000, 2750, 3, torch.bfloat16), (1000, 2750, 1, torch.float32), (1000, 2750, 8, torch.float16),
     (576, 1536, 2, torch.bfloat16), (576, 1536, 7, torch.float32), (576, 1536, 1, torch.float16),
     (4096, 11008, 1, torch.bfloat16), (4096, 14336, 1, torch.bfloat16), (4096, 11008, 2, torch.float32),
@@ -1084,7 +1085,8 @@ def test_cats_mlp_kernels_match_fp64_reference(d, ffn, B, dtype, monkeypatch):
     torch.testing.assert_close(kernel.cats_mlp(x, w_gate, w_up, w_down_t, t), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("n,d,B,dtype", [(53, 37, 1, torch.float32), (53, 37, 8, torch.bfloat16), (1000, 576, 3, torch.float16),
+@pytest.mark.parametrize("n,d,B,dtype", [(53, 37, 1, torch.float32), (1101, 37, 1, torch.bfloat16),
+                                         (53, 37, 8, torch.bfloat16), (1000, 576, 3, torch.float16),
                                          (4096, 4096, 1, torch.bfloat16), (6144, 4096, 1, torch.float32),
                                          (12288, 4096, 1, torch.bfloat16), (49152, 576, 2, torch.bfloat16)])
 def test_linear_kernel_matches_fp64_reference(n, d, B, dtype, monkeypatch):
@@ -1132,7 +1134,8 @@ def test_cats_mlp_with_norm_and_residual_matches_fp64_reference(d, ffn, B, dtype
     torch.testing.assert_close(kernel.cats_mlp(x, *ws, t, nw, 1e-5, residual=res), out, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("n,d,B,dtype", [(53, 37, 1, torch.float32), (53, 37, 8, torch.bfloat16), (1000, 576, 3, torch.float16),
+@pytest.mark.parametrize("n,d,B,dtype", [(53, 37, 1, torch.float32), (1101, 37, 1, torch.bfloat16),
+                                         (53, 37, 8, torch.bfloat16), (1000, 576, 3, torch.float16),
                                          (4096, 4096, 1, torch.bfloat16), (12288, 4096, 1, torch.float32),
                                          (32000, 4096, 1, torch.bfloat16)])
 def test_linear_with_norm_and_residual_matches_fp64_reference(n, d, B, dtype, monkeypatch):
@@ -1589,7 +1592,9 @@ def without(d: Path, field: str):
 
 @pytest.mark.parametrize("case,says", [
     ("list", "holds a JSON list"), ("no-hidden-size", "has no hidden_size"), ("layers-str", "num_hidden_layers is '2'"),
-    ("zero-heads", "num_attention_heads is 0"), ("llama3-rope-partial", "low_freq_factor")])
+    ("zero-heads", "num_attention_heads is 0"), ("llama3-rope-partial", "low_freq_factor"),
+    ("kv-groups", "4 attention heads, 3 key/value heads"), ("odd-head-dim", "head size 15 do not fit"),
+    ("rope-not-dict", "rope_scaling is 'yes', not an object")])
 def test_config_that_parses_but_is_wrong(good_ckpt, tmp_path, case, says):
     d = broken_copy(good_ckpt, tmp_path)
     if case == "list":
@@ -1600,6 +1605,12 @@ def test_config_that_parses_but_is_wrong(good_ckpt, tmp_path, case, says):
         edit_config(d, num_hidden_layers="2")
     elif case == "zero-heads":
         edit_config(d, num_attention_heads=0)
+    elif case == "kv-groups":
+        edit_config(d, num_key_value_heads=3)
+    elif case == "odd-head-dim":
+        edit_config(d, head_dim=15)
+    elif case == "rope-not-dict":
+        edit_config(d, rope_scaling="yes", rope_parameters=None)
     else:  # llama3 scaling needs low_freq_factor and high_freq_factor too
         edit_config(d, rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 10000.0}, rope_scaling=None)
     check_error(lambda: Transformer.from_pretrained(d), str(d / "config.json"), says)
@@ -1698,18 +1709,20 @@ def test_finetune_fails_before_training(tiny, tmp_path, capsys, case):
 def test_bench_bad_input_fails_before_the_gpu_check(good_ckpt, tmp_path):
     import bench
     (tmp_path / "bad.json").write_text("{\n")
+    (tmp_path / "v3.json").write_text(json.dumps({"llama2-7b B=1": {"gate_config": dict(BLOCK_N=16, BLOCK_K=256, num_warps=4)}}))
     (tmp_path / "afile").write_text("")
     for argv, says in [
         (["mlp", "--sparsity", "0.5", "1.5"], "--sparsity must be in \\[0, 1\\), got 1.5"),
         (["mlp", "--config", str(tmp_path / "nope.json")], "cannot read --config .*nope.json"),
         (["mlp", "--config", str(tmp_path / "bad.json")], "cannot read --config .*bad.json"),
+        (["mlp", "--config", str(tmp_path / "v3.json")], "gate_config is .*not a configuration of this kernel.py"),
         (["sweep", "--config-out", str(tmp_path / "afile" / "best.json")], "cannot write --config-out"),
         (["decode", "--ckpt", str(tmp_path / "nockpt")], "nockpt does not exist"),
         (["decode", "--ckpt", str(good_ckpt / "single" / "config.json")], "is a file, not a checkpoint folder"),
     ]:
         with pytest.raises(SystemExit, match=f"^error: .*{says}"):
             bench.main(argv)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "bad.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile", "bad.json", "v3.json"]
 
 
 def test_calibrate_ctrl_c_is_one_line(tiny, tmp_path, capsys, monkeypatch):
