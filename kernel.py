@@ -66,7 +66,9 @@ def wait_for_previous_kernel():
 def release_next_kernel():
     """Let the next kernel launch now rather than when this one ends, so that it can load its first
     weights (which no kernel writes) while this one finishes; it still waits for all of this one's
-    writes before it reads any of them. Called by the kernels before a weight-reading kernel."""
+    writes before it reads any of them. Called first by attention (before wo), reduce (before the next
+    q/k/v) and every GEMV (wo, before the gate; after q/k/v and the LM head it only launches attention
+    or sampling early)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
@@ -416,9 +418,9 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m
 def gemv_config(D: int, N: int) -> dict:
     """gemv_kernel and gate_kernel: blocks of 2 whole rows, 4 programs an SM of the H200's 132. What a
     kernel boundary costs (`bench.py chain`, session 13): 0.8 us for W_o and 1.5 for a W_gate of
-    Llama-2-7B, where blocks of 4 rows in 264 programs of 8 warps lost 1.9 on W_gate; in the decode
-    step that gave CATS 0.5 +0.7% on both 7B shapes. A block is at most 16k weights, so a program
-    holds two blocks in registers at any d."""
+    Llama-2-7B, where blocks of 4 rows in 264 programs of 8 warps lost 1.9 on W_gate; in one decode
+    run, CATS 0.5 came out above both runs of that configuration on both 7B shapes. Up to d = 8192 a
+    block is at most 16k weights, so a program holds two blocks in registers."""
     return dict(BLOCK_N=max(1, min(2, 16384 // triton.next_power_of_2(D))), programs=528, num_warps=4)
 
 
