@@ -14,7 +14,6 @@ table is measured in the same run. Bandwidth limits use the read rate of one big
 """
 import argparse
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ import triton
 import kernel
 from generate import read_bandwidth
 from kernel import cats_mlp, cats_mlp_reference, linear, linear_reference
-from model import CheckpointError, ModelArgs, Transformer, read_config
+from model import CheckpointError, ModelArgs, Transformer, check_writable, read_config
 
 CONFIG_FUNCTIONS = ("gate_config", "up_down_config", "reduce_config", "gate_up_config", "down_config")
 DEFAULTS = {fn_name: getattr(kernel, fn_name) for fn_name in CONFIG_FUNCTIONS}  # kernel.py's own choices
@@ -453,10 +452,10 @@ def main(argv=None):
         if not 0 <= s < 1:
             raise SystemExit(f"error: --sparsity must be in [0, 1), got {s:g}")
     if args.config_out:
-        out = Path(args.config_out)
-        folder = next(d for d in out.absolute().parents if d.exists())
-        if out.is_dir() or not folder.is_dir() or not os.access(folder, os.W_OK):
-            raise SystemExit(f"error: cannot write --config-out {out}; pass a file path somewhere writable")
+        try:
+            check_writable(Path(args.config_out), "--config-out")
+        except ValueError as e:
+            raise SystemExit(f"error: {e}") from None
     if args.config:
         use_configs(args.config)
     try:

@@ -26,7 +26,6 @@ import argparse
 import gzip
 import hashlib
 import math
-import os
 import sys
 import time
 from contextlib import contextmanager
@@ -38,7 +37,8 @@ from torch import Tensor
 
 from cats import (N_BINS, ThresholdError, abs_histogram, available_sparsities, cats_activation,
                   default_threshold_path, load_thresholds, model_signature, save_thresholds, thresholds_from_histogram)
-from model import CheckpointError, Transformer, attention_mask, check_device, load_tokenizer, rope_cos_sin
+from model import (CheckpointError, Transformer, attention_mask, check_device, check_writable, load_tokenizer,
+                   rope_cos_sin)
 
 DEFAULT_SPARSITIES = [0.3, 0.5, 0.7, 0.9]
 
@@ -269,12 +269,7 @@ def check_args(args):
         if not f.is_file():
             raise ValueError(f"text file {f} does not exist")
     if args.data is not None:  # find out now, not after an hour of calibration, that --out cannot be written
-        folder = next(p for p in args.out.absolute().parents if p.exists())  # the file's, or where it will be made
-        if not folder.is_dir():
-            raise ValueError(f"cannot write the threshold file {args.out}: {folder} is a file, not a folder; "
-                             f"pass --out PATH somewhere writable")
-        if args.out.is_dir() or not os.access(folder, os.W_OK):
-            raise ValueError(f"cannot write the threshold file {args.out}; pass --out PATH somewhere writable")
+        check_writable(args.out, "--out")
     check_device(args.device)
 
 

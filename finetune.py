@@ -44,7 +44,7 @@ from torch.nn.utils import parametrize
 from calibrate import token_windows
 from cats import (DEFAULT_FILENAME, ThresholdError, cats_activation, default_threshold_path, load_thresholds,
                   model_signature, read_threshold_file, save_thresholds)
-from model import CheckpointError, Transformer, check_device, load_tokenizer, read_config, save_pretrained
+from model import CheckpointError, Transformer, check_device, check_writable, load_tokenizer, read_config, save_pretrained
 
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -392,14 +392,9 @@ def check_args(args):
         if args.out.exists():
             raise ValueError(f"--out {args.out} already exists; a checkpoint is never overwritten: remove it or "
                              f"choose another folder")
-    if args.log.is_dir():
-        raise ValueError(f"--log {args.log} is a folder; pass the path of a CSV file to write")
-    for path in [args.log] + ([args.out] if args.out else []):
-        folder = next(p for p in path.absolute().parents if p.exists())
-        if not folder.is_dir():  # found out now, not after training
-            raise ValueError(f"cannot write {path}: {folder} is a file, not a folder")
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"cannot write {path}: {folder} is not writable")
+    check_writable(args.log, "--log")  # found out now, not after training
+    if args.out:
+        check_writable(args.out, "--out")
     check_device(args.device)
 
 

@@ -384,6 +384,20 @@ def check_device(device: str) -> None:
         raise ValueError(f"--device {device} is not available here; use cpu or cuda")
 
 
+def check_writable(path: Path, flag: str) -> None:
+    """For the command lines: find out before the work, not after it, that `path` cannot be written."""
+    folder = next(p for p in path.absolute().parents if p.exists())  # its folder, or where that will be made
+    if path.is_dir():
+        reason = f"{path} is a folder"
+    elif not folder.is_dir():
+        reason = f"{folder} is a file, not a folder"
+    elif not os.access(folder, os.W_OK):
+        reason = f"{folder} is not writable"
+    else:
+        return
+    raise ValueError(f"cannot write {flag} {path}: {reason}; pass {flag} a file path somewhere writable")
+
+
 def read_config(ckpt_dir: Path) -> dict:
     if ckpt_dir.is_file():
         hint = ckpt_dir.parent if ckpt_dir.name == "config.json" else "the folder holding config.json and *.safetensors"
