@@ -484,8 +484,13 @@ def gate(x: Tensor, w_gate: Tensor, threshold: Optional[Tensor], nw=None, eps=0.
 def gate_lists(D: int, F: int) -> tuple[int, int]:
     """gate_kernel's programs, and the room for each one's list of kept neurons (all of its rows)."""
     c = gate_config(D, F)
-    programs = min(c["programs"], triton.cdiv(F, c["BLOCK_N"]))
+    programs = gemv_programs(c, F)
     return programs, triton.cdiv(triton.cdiv(F, c["BLOCK_N"]), programs) * c["BLOCK_N"]
+
+
+def gemv_programs(c: dict, N: int) -> int:
+    """gemv_kernel's and gate_kernel's grid over N rows: c's programs, or one a block if there are fewer."""
+    return min(c["programs"], triton.cdiv(N, c["BLOCK_N"]))
 
 
 def up_down(x: Tensor, w_up: Tensor, w_down_t: Tensor, g: Tensor, idx: Tensor, cnt: Tensor, nw=None, eps=0.0,
@@ -589,7 +594,7 @@ def linear_triton(x: Tensor, w: Tensor, nw=None, eps=0.0, residual=None, out=Non
     args = (x, x if nw is None else nw, eps, w, x if residual is None else residual, y)
     if B == 1:
         c = gemv_config(D, N)
-        gemv_kernel[(min(c["programs"], triton.cdiv(N, c["BLOCK_N"])),)](
+        gemv_kernel[(gemv_programs(c, N),)](
             *args, D, N, BLOCK_N=c["BLOCK_N"], BLOCK_D=triton.next_power_of_2(D), NORM=nw is not None,
             RESIDUAL=residual is not None, num_warps=c["num_warps"], **LAUNCH)
         return y
