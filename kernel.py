@@ -170,7 +170,8 @@ def gate_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, thr_ptr, g_ptr, idx_ptr, cnt_ptr
                 BLOCK_D: tl.constexpr, NORM: tl.constexpr, SPARSE: tl.constexpr):
     """g [F] fp32 = CATS(SiLU(W_gate x)), by blocks of rows as in gemv_kernel; idx[pid * CAP ...] = the
     kept neurons of this program's blocks, in order; cnt[pid] = how many. It does not release up_down
-    early: up_down has nothing to load before it knows which neurons are kept."""
+    early: up_down has nothing to load before it knows which neurons are kept (released as the gate's
+    loop ends, with up_down releasing reduce the same way, CATS decode measured 4-5.5% slower)."""
     pid, P = tl.program_id(0), tl.num_programs(0)
     w = weight_rows(w_gate_ptr, pid, F, D, BLOCK_N, BLOCK_D)
     wait_for_previous_kernel()
@@ -333,7 +334,10 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m
     unnormalised partial (row max m, sum l, acc), which whichever of the head's programs finishes last
     merges into y (count_ptr: one arrival counter per head). The new token's k and v are also written
     into the cache, at position pos, by the first query head of their group; the other programs take
-    them from qkv rather than from the cache, so no program reads a slot that another is writing."""
+    them from qkv rather than from the cache, so no program reads a slot that another is writing.
+    Unlike the GEMVs it reads nothing before its wait: the cached slots could be read then, but the
+    tile held across the wait spilled registers (decode 8-10% slower), and with tiles of 32 positions
+    (no more spills than now) it gained nothing (KERNEL_LOG.md, session 14)."""
     release_next_kernel()  # wo
     wait_for_previous_kernel()
     bh, split = tl.program_id(0), tl.program_id(1)
@@ -429,6 +433,8 @@ def gate_config(D: int, F: int) -> dict:
 
 
 def up_down_config(D: int, F: int) -> dict:
+    """Two programs an SM: at d = 4096 a program of 8 warps takes 122 registers a thread, about half
+    of an SM's. 4 neurons a step made dense decode 9% slower (14-16% with 198 programs; session 14)."""
     return dict(BLOCK_J=2, programs=264, num_warps=8 if D >= 4096 else 4)
 
 
