@@ -1196,8 +1196,8 @@ def test_decode_attention_matches_fp64_reference(B, n_head, n_kv, S, hd, pos, wi
 
 @pytest.mark.parametrize("pos,window", [(69, None), (60, 13)])
 def test_decode_attention_over_slices_of_several_tiles(pos, window, monkeypatch):
-    """Long caches give each program a slice of several tiles, read one after another (the first before
-    the wait for q/k/v, the others in the loop): here slices of 64 positions in tiles of 8."""
+    """Long caches give each program a slice of several tiles, read one after another in the loop: here
+    slices of 64 positions in tiles of 8."""
     config = kernel.attention_config
     monkeypatch.setattr(kernel, "attention_config", lambda B, n_head, S: config(B, n_head, S, block_s=8, programs=2 * B * n_head))
     assert kernel.attention_config(1, 4, 128) == dict(BLOCK_S=8, CHUNK=64, SPLITS=2, num_warps=2)
