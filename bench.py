@@ -23,7 +23,7 @@ import triton
 import kernel
 from generate import read_bandwidth
 from kernel import cats_mlp, cats_mlp_reference, linear, linear_reference
-from model import CheckpointError, ModelArgs, Transformer, check_writable, read_config
+from model import CheckpointError, ModelArgs, Transformer, check_writable, read_args
 
 CONFIG_FUNCTIONS = ("gate_config", "up_down_config", "reduce_config", "gate_up_config", "down_config")
 DEFAULTS = {fn_name: getattr(kernel, fn_name) for fn_name in CONFIG_FUNCTIONS}  # kernel.py's own choices
@@ -460,7 +460,7 @@ def main(argv=None):
         use_configs(args.config)
     try:
         if args.ckpt:
-            ModelArgs.from_hf_config(read_config(args.ckpt), args.ckpt / "config.json")  # weights: as they load
+            read_args(args.ckpt)  # the weights are checked as they load
         if not torch.cuda.is_available():
             raise SystemExit("error: bench.py needs a CUDA GPU")
         print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16")

@@ -477,7 +477,7 @@ def gate(x: Tensor, w_gate: Tensor, threshold: Optional[Tensor], nw=None, eps=0.
     """One token: (g [F] fp32, idx, cnt) as gate_kernel writes them."""
     D, F = x.shape[-1], w_gate.shape[0]
     c = gate_config(D, F)
-    programs, cap = gate_lists(D, F)
+    programs, cap = gate_lists(c, F)
     g, idx, cnt = out or (torch.empty(F, device=x.device, dtype=torch.float32),
                           torch.empty(programs * cap, device=x.device, dtype=torch.int32),
                           torch.empty(programs, device=x.device, dtype=torch.int32))
@@ -487,9 +487,9 @@ def gate(x: Tensor, w_gate: Tensor, threshold: Optional[Tensor], nw=None, eps=0.
     return g, idx, cnt
 
 
-def gate_lists(D: int, F: int) -> tuple[int, int]:
-    """gate_kernel's programs, and the room for each one's list of kept neurons (all of its rows)."""
-    c = gate_config(D, F)
+def gate_lists(c: dict, F: int) -> tuple[int, int]:
+    """gate_kernel's programs under configuration c, and the room for each one's list of kept neurons
+    (all of its rows)."""
     programs = gemv_programs(c, F)
     return programs, triton.cdiv(triton.cdiv(F, c["BLOCK_N"]), programs) * c["BLOCK_N"]
 

@@ -343,7 +343,7 @@ class Transformer(nn.Module):
         Tensors go straight from the file into `dtype` on `device`; the model is built on the meta
         device first, so no second full copy of the weights is ever made. dtype=None keeps the file's."""
         ckpt_dir = Path(ckpt_dir)
-        args = ModelArgs.from_hf_config(read_config(ckpt_dir), ckpt_dir / "config.json")
+        args = read_args(ckpt_dir)
         with torch.device("meta"):
             model = cls(args)
         state = load_state_dict(ckpt_dir, args, device, dtype)
@@ -415,6 +415,10 @@ def read_config(ckpt_dir: Path) -> dict:
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{path} holds a JSON {type(cfg).__name__}, not an object of settings; re-download it")
     return cfg
+
+
+def read_args(ckpt_dir: Path) -> ModelArgs:
+    return ModelArgs.from_hf_config(read_config(ckpt_dir), ckpt_dir / "config.json")
 
 
 def safetensors_files(ckpt_dir: Path) -> list[Path]:

@@ -1061,7 +1061,7 @@ def test_cats_mlp_kernels_match_fp64_reference(d, ffn, B, dtype, monkeypatch):
         h_ref = kernel.gate_up_reference(*ref_args[:3], t)
         # each stage on its own, its output poisoned before the launch
         if B == 1:
-            programs, cap = kernel.gate_lists(d, ffn)
+            programs, cap = kernel.gate_lists(kernel.gate_config(d, ffn), ffn)
             idx = torch.full((programs * cap,), -7, device=KDEV, dtype=torch.int32)
             g, idx, cnt = kernel.gate(x, w_gate, t, out=(poisoned(ffn), idx, torch.full((programs,), -7, device=KDEV, dtype=torch.int32)))
             assert rel_err(g, g_ref[0]) < TOL[dtype] if active > 0 else (g == 0).all()
