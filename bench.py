@@ -119,7 +119,7 @@ SWEEP_GRIDS = {  # config function -> candidates; B = 1 uses the first three, B 
     "gate_config": [dict(BLOCK_N=n, programs=p, num_warps=w) for n, p, w in
                     [(2, 528, 4), (4, 264, 8), (2, 264, 8), (4, 528, 4), (8, 132, 8)]],
     "up_down_config": [dict(BLOCK_J=j, programs=p, num_warps=w) for j, p, w in
-                       [(2, 264, 4), (2, 198, 4), (2, 396, 4), (1, 264, 4), (2, 264, 8)]],
+                       [(2, 264, 4), (2, 198, 4), (2, 396, 4), (1, 264, 4), (2, 264, 8), (2, 256, 8)]],
     "reduce_config": [dict(BLOCK=b, BLOCK_P=p, num_warps=w) for b, p, w in [(32, 16, 8), (64, 64, 4), (32, 64, 8)]],
     "gate_up_config": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=4, num_stages=st) for n, k, st in
                        [(32, 128, 4), (64, 128, 4), (32, 256, 3), (64, 256, 3), (128, 128, 4)]],

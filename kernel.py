@@ -433,9 +433,12 @@ def gate_config(D: int, F: int) -> dict:
 
 
 def up_down_config(D: int, F: int) -> dict:
-    """Two programs an SM: at d = 4096 a program of 8 warps takes 122 registers a thread, about half
-    of an SM's. 4 neurons a step made dense decode 9% slower (14-16% with 198 programs; session 14)."""
-    return dict(BLOCK_J=2, programs=264, num_warps=8 if D >= 4096 else 4)
+    """At most two programs an SM: at d = 4096 a program of 8 warps takes 122 registers a thread, about
+    half of an SM's. 256 programs, not 2 x 132: a decode step measured Mistral-7B dense 1.3-1.7% faster,
+    CATS 0.5 0.4-0.6% (Llama-2-7B) and 0.1-0.5% (Mistral-7B) faster, Llama-2-7B dense 0.1-0.2% slower;
+    224-260 programs, or shares cut at whole 2-neuron steps, did no better (KERNEL_LOG.md, session 16).
+    4 neurons a step made dense decode 9% slower (14-16% with 198 programs; session 14)."""
+    return dict(BLOCK_J=2, programs=256, num_warps=8 if D >= 4096 else 4)
 
 
 def gate_up_config(B: int, D: int, F: int) -> dict:
@@ -451,7 +454,9 @@ def down_config(B: int, D: int, F: int, block_d=256, block_j=32, programs=1024) 
 
 
 def reduce_config(P: int, N: int) -> dict:
-    return dict(BLOCK=16, BLOCK_P=64, num_warps=8)  # 264 partial rows in 5 steps: 2.1 us (17 steps: 2.8)
+    """up_down's partial rows, 64 a step: 264 of them took 2.1 us in 5 steps, 2.8 in 17; 256 in 1 or 2
+    steps made decode no faster (session 16)."""
+    return dict(BLOCK=16, BLOCK_P=64, num_warps=8)
 
 
 def attention_config(B: int, n_head: int, S: int, block_s=64, programs=2048, num_warps=2) -> dict:
