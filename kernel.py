@@ -435,7 +435,7 @@ def gate_config(D: int, F: int) -> dict:
 def up_down_config(D: int, F: int) -> dict:
     """At most two programs an SM: at d = 4096 a program of 8 warps takes 122 registers a thread, about
     half of an SM's. 256 programs, not 2 x 132: a decode step measured Mistral-7B dense 1.3-1.7% faster,
-    CATS 0.5 0.4-0.6% (Llama-2-7B) and 0.1-0.5% (Mistral-7B) faster, Llama-2-7B dense 0.1-0.2% slower;
+    CATS 0.5 0.5-0.6% (Llama-2-7B) and 0.1-0.4% (Mistral-7B) faster, Llama-2-7B dense 0.1-0.2% slower;
     224-260 programs, or shares cut at whole 2-neuron steps, did no better (KERNEL_LOG.md, session 16).
     4 neurons a step made dense decode 9% slower (14-16% with 198 programs; session 14)."""
     return dict(BLOCK_J=2, programs=256, num_warps=8 if D >= 4096 else 4)
