@@ -25,7 +25,7 @@ from generate import read_bandwidth
 from kernel import cats_mlp, cats_mlp_reference, linear, linear_reference
 from model import CheckpointError, ModelArgs, Transformer, check_writable, read_args
 
-CONFIG_FUNCTIONS = ("gate_config", "up_down_config", "reduce_config", "gate_up_config", "down_config")
+CONFIG_FUNCTIONS = ("mlp_config", "reduce_config", "gate_up_config", "down_config")
 DEFAULTS = {fn_name: getattr(kernel, fn_name) for fn_name in CONFIG_FUNCTIONS}  # kernel.py's own choices
 
 # (d, ffn, layers, heads, kv heads, vocab)
@@ -115,11 +115,9 @@ def bench_mlp(args):
     return rows
 
 
-SWEEP_GRIDS = {  # config function -> candidates; B = 1 uses the first three, B > 1 the next two
-    "gate_config": [dict(BLOCK_N=n, programs=p, num_warps=w) for n, p, w in
-                    [(2, 528, 4), (4, 264, 8), (2, 264, 8), (4, 528, 4), (8, 132, 8)]],
-    "up_down_config": [dict(BLOCK_J=j, programs=p, num_warps=w) for j, p, w in
-                       [(2, 264, 4), (2, 198, 4), (2, 396, 4), (1, 264, 4), (2, 264, 8), (2, 256, 8)]],
+SWEEP_GRIDS = {  # config function -> candidates; B = 1 uses the first two, B > 1 the next two
+    "mlp_config": [dict(BLOCK_N=n, programs=p, num_warps=w) for n, p, w in
+                   [(2, 264, 8), (1, 396, 8), (2, 396, 8), (1, 264, 8), (2, 264, 4), (2, 132, 16)]],
     "reduce_config": [dict(BLOCK=b, BLOCK_P=p, num_warps=w) for b, p, w in [(32, 16, 8), (64, 64, 4), (32, 64, 8)]],
     "gate_up_config": [dict(BLOCK_N=n, BLOCK_K=k, num_warps=4, num_stages=st) for n, k, st in
                        [(32, 128, 4), (64, 128, 4), (32, 256, 3), (64, 256, 3), (128, 128, 4)]],
@@ -140,7 +138,7 @@ def bench_sweep(args):
             t = threshold_for(x, ws[0][0], 0.5)
             run = rotating(lambda g, u, dt: kernel.cats_mlp_triton(x, g, u, dt, t), ws)
             chosen = {}
-            for fn_name in (["gate_config", "up_down_config", "reduce_config"] if B == 1 else
+            for fn_name in (["mlp_config", "reduce_config"] if B == 1 else
                             ["gate_up_config", "down_config", "reduce_config"]):
                 results = []
                 for c in SWEEP_GRIDS[fn_name]:
@@ -179,7 +177,7 @@ def use_configs(path):
     size not swept takes the nearest swept one; shapes not swept keep kernel.py's own)."""
     try:
         with open(path) as f:
-            found = json.load(f)  # {"llama2-7b B=1": {"gate_config": {...}, ..., "us": 59.2}, ...}
+            found = json.load(f)  # {"llama2-7b B=1": {"mlp_config": {...}, ..., "us": 59.2}, ...}
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: cannot read --config {path} ({e}); pass a file `bench.py sweep --config-out` wrote")
     if not isinstance(found, dict) or not all(isinstance(v, dict) and k.split(" B=")[0] in SHAPES
@@ -203,8 +201,7 @@ def use_configs(path):
             c = lookup(fn_name, *dims(*a))
             return DEFAULTS[fn_name](*a) if c is None else configured(fn_name, c)(*a)
         setattr(kernel, fn_name, pick)
-    install("gate_config", lambda D, F: (D, F, 1))
-    install("up_down_config", lambda D, F: (D, F, 1))
+    install("mlp_config", lambda D, F, sparse: (D, F, 1))
     install("gate_up_config", lambda B, D, F: (D, F, B))
     install("down_config", lambda B, D, F: (D, F, B))
     reduce = [v["reduce_config"] for v in found.values() if "reduce_config" in v]
@@ -381,7 +378,7 @@ def bench_decode(args):
         torch.cuda.empty_cache()
 
 
-WEIGHT_KERNELS = ("gemv_kernel", "gate_kernel", "up_down_kernel")  # kernel.py's, at batch 1
+WEIGHT_KERNELS = ("gemv_kernel", "mlp_kernel")  # kernel.py's, at batch 1
 
 
 @torch.no_grad()

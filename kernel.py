@@ -6,16 +6,16 @@ CATS zeroes the gate activation of most neurons, and a zero gate means neuron j'
 of the neuron-major W_down (w_down_t = W_down.T, [ffn, d]) are never needed. Two plans, by measurement
 (KERNEL_LOG.md):
 
-One token (B = 1): compact, then read only what is needed.
-  1. gate_kernel: g = SiLU(W_gate x) (dense: the mask is only known after it) and the threshold
-     compare, by blocks of neurons; each program writes the list of kept neurons of its blocks, and
-     its count.
-  2. up_down_kernel: every program takes an equal share of all kept neurons (a prefix sum of the
-     lists' counts, done in each program: no host sync, no extra launch) and for each reads its W_up row and
-     w_down_t row, both contiguous: h = g * (W_up[j] . x), then out += h * w_down_t[j]. One fp32
-     partial output per program. (v2 masked the inactive neurons' loads instead: its time hardly fell
-     with sparsity; KERNEL_LOG.md.)
-  3. reduce_kernel: adds the partials in a fixed order (deterministic, unlike atomics) and casts.
+One token (B = 1): one pass over the neurons, reading only what is needed.
+  1. mlp_kernel: for each block of 2 neurons, g = SiLU(W_gate x) (dense: the mask is only known after
+     it) and the threshold compare, then the kept neurons' W_up and w_down_t rows, both contiguous
+     (masked loads: a dropped neuron's rows move no bytes): h = g * (W_up[j] . x), out += h *
+     w_down_t[j]. Each program owns a fixed set of blocks and writes one fp32 partial output. The loop
+     is skewed so that HBM has the next blocks' rows to fetch while one block's gate is summed.
+     (v2 masked without the skew, and its time hardly fell with sparsity; v3-v4 gathered the kept
+     neurons into one list at a kernel boundary and shared them out evenly, which cost dense and CATS
+     more than the skewed pass; KERNEL_LOG.md.)
+  2. reduce_kernel: adds the partials in a fixed order (deterministic, unlike atomics) and casts.
 
 Several tokens (B = 2..8): a neuron's rows are read when any token keeps it, and the union of B masks
 is nearly dense (at 50% per token, 8 tokens leave under 1% of neurons unread), so there is little to
@@ -23,14 +23,14 @@ compact: gate_up_kernel computes gate and up for a block of neurons on the tenso
 to 16), skipping W_up rows no token needs; down_kernel reads w_down_t rows where some h != 0, writing a
 partial per slice of neurons; reduce_kernel as above. Each token keeps its own mask either way.
 
-gemv_kernel: y = x W^T for the attention projections and the LM head at one token, the gate's GEMV
-code: persistent programs over blocks of whole rows, whose first block is loaded before the wait for
-the previous kernel (faster than cuBLAS for these shapes on the H200, see README). linear_kernel: the
-same for 2-8 tokens, on the tensor cores.
+gemv_kernel: y = x W^T for the attention projections and the LM head at one token: persistent
+programs over blocks of whole rows, whose first block is loaded before the wait for the previous
+kernel (faster than cuBLAS for these shapes on the H200, see README). linear_kernel: the same for 2-8
+tokens, on the tensor cores.
 
 A decoder layer's RMSNorm is folded into the product after it (`norm_weight`) and its residual add into
-the product before it (`residual`), so a decode layer is 6 kernels: q/k/v, attention, wo, gate,
-up_down, reduce. attention_kernel applies RoPE, writes the new k and v into the cache and attends over
+the product before it (`residual`), so a decode layer is 5 kernels: q/k/v, attention, wo, mlp,
+reduce. attention_kernel applies RoPE, writes the new k and v into the cache and attends over
 the filled positions, one query head and one slice of the cache per program (flash-decoding); the last
 program of each head to finish merges the slices.
 
@@ -48,7 +48,7 @@ from torch import Tensor
 INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 # Programmatic dependent launch (Hopper and later, on unless CATS_PDL=0): each kernel is set up while
 # the one before it finishes, and waits at its start until that one's writes are visible, which hides
-# part of the launch gap; a decode layer is 6 kernels of a few microseconds each. Decided once, for
+# part of the launch gap; a decode layer is 5 kernels of a few microseconds each. Decided once, for
 # the first GPU (a host that mixes older GPUs with Hopper ones should set CATS_PDL=0).
 USE_PDL = (os.environ.get("CATS_PDL", "1") == "1" and os.environ.get("TRITON_INTERPRET") != "1"
            and torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 9)
@@ -67,7 +67,7 @@ def release_next_kernel():
     """Let the next kernel launch now rather than when this one ends, so that it can load its first
     weights (which no kernel writes) while this one finishes; it still waits for all of this one's
     writes before it reads any of them. Called first by attention (before wo), reduce (before the next
-    q/k/v) and every GEMV (wo, before the gate; after q/k/v and the LM head it only launches attention
+    q/k/v) and every GEMV (wo, before the MLP; after q/k/v and the LM head it only launches attention
     or sampling early)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -163,71 +163,46 @@ def gemv_kernel(x_ptr, nw_ptr, eps, w_ptr, res_ptr, y_ptr, D, N, BLOCK_N: tl.con
 
 
 # ---------------------------------------------------------------------------------------------------
-# One token: gate + compaction, then up and down over the kept neurons only
+# One token: the whole MLP, a block of neurons at a time
 
 @triton.jit
-def gate_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, thr_ptr, g_ptr, idx_ptr, cnt_ptr, D, F, CAP, BLOCK_N: tl.constexpr,
-                BLOCK_D: tl.constexpr, NORM: tl.constexpr, SPARSE: tl.constexpr):
-    """g [F] fp32 = CATS(SiLU(W_gate x)), by blocks of rows as in gemv_kernel; idx[pid * CAP ...] = the
-    kept neurons of this program's blocks, in order; cnt[pid] = how many. It does not release up_down
-    early: up_down has nothing to load before it knows which neurons are kept (released as the gate's
-    loop ends, with up_down releasing reduce the same way, CATS decode measured 4-5.5% slower)."""
+def mlp_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, w_up_ptr, w_down_t_ptr, thr_ptr, part_ptr, D, F, BLOCK_N: tl.constexpr,
+               BLOCK_D: tl.constexpr, NORM: tl.constexpr, SPARSE: tl.constexpr):
+    """part[pid] = sum over this program's neurons j of g_j (W_up[j] . x) w_down_t[j], g = CATS(SiLU(W_gate
+    x)). Program p takes the blocks of BLOCK_N neurons p, p + P, p + 2P, ... (P: a few programs an SM). For
+    each block it reads the gate rows, then the W_up and w_down_t rows of the neurons the threshold kept,
+    by masked loads: a dropped neuron's rows move no bytes. A block's up/down rows can only be asked for
+    once its gate is known, so the loop is skewed to keep HBM busy meanwhile: it asks for block b's
+    up/down rows and block b + 2's gate rows, then sums block b + 1's gate (its rows arrived during the
+    last step), then finishes block b. Unskewed, a step was one round trip whatever its bytes, and CATS
+    0.5 hardly beat dense. Skewed, a decode step was 6-7% (dense) and 4% (CATS 0.5) shorter than with
+    v4's gate, compaction and up_down kernels, whose kernel boundary it also removes (KERNEL_LOG.md,
+    session 17)."""
     pid, P = tl.program_id(0), tl.num_programs(0)
-    w = weight_rows(w_gate_ptr, pid, F, D, BLOCK_N, BLOCK_D)
+    w = weight_rows(w_gate_ptr, pid, F, D, BLOCK_N, BLOCK_D)  # weights: read before the wait
     wait_for_previous_kernel()
+    w_next = weight_rows(w_gate_ptr, pid + P, F, D, BLOCK_N, BLOCK_D)
     x = input_vector(x_ptr, nw_ptr, eps, D, BLOCK_D, NORM)
-    n = tl.zeros((), dtype=tl.int32)
-    for block in range(pid, tl.cdiv(F, BLOCK_N), P):
-        w_next = weight_rows(w_gate_ptr, block + P, F, D, BLOCK_N, BLOCK_D)
-        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        g, keep = cats(tl.sum(w.to(tl.float32) * x[None, :], axis=1), thr_ptr, rows < F, SPARSE)
-        tl.store(g_ptr + rows, g, mask=rows < F)
-        tl.store(idx_ptr + pid * CAP + n + tl.cumsum(keep.to(tl.int32), axis=0) - 1, rows, mask=keep)
-        n += tl.sum(keep.to(tl.int32), axis=0)
-        w = w_next
-    tl.store(cnt_ptr + pid, n)
-
-
-@triton.jit
-def kept_neurons(pos, ok, counts, ends, idx_ptr, CAP: tl.constexpr):
-    """Neuron ids at positions pos of the list of all kept neurons, which gate_kernel left as one list
-    per program (program b: idx[b * CAP :][: counts[b]]); ends = inclusive prefix sum of counts."""
-    before = ends[None, :] <= pos[:, None]  # [J, lists]: the lists wholly before pos
-    b = tl.sum(before.to(tl.int32), axis=1)
-    start = tl.sum(tl.where(before, counts[None, :], 0), axis=1)
-    return tl.load(idx_ptr + b * CAP + pos - start, mask=ok, other=0)
-
-
-@triton.jit
-def up_down_kernel(x_ptr, nw_ptr, eps, w_up_ptr, w_down_t_ptr, g_ptr, idx_ptr, cnt_ptr, part_ptr, D, NB,
-                   BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_NB: tl.constexpr, CAP: tl.constexpr,
-                   NORM: tl.constexpr):
-    """part[pid] = sum over this program's share of kept neurons j of g_j (W_up[j] . x) w_down_t[j]."""
-    wait_for_previous_kernel()
-    lists = tl.arange(0, BLOCK_NB)
-    counts = tl.load(cnt_ptr + lists, mask=lists < NB, other=0)
-    ends = tl.cumsum(counts, axis=0)
-    total = tl.sum(counts, axis=0)
-    lo = tl.program_id(0) * total // tl.num_programs(0)
-    hi = (tl.program_id(0) + 1) * total // tl.num_programs(0)
-    ds = tl.arange(0, BLOCK_D)  # the whole row: one program owns all d outputs of its neurons
+    ds = tl.arange(0, BLOCK_D)
     d_ok = ds < D
-    x = input_vector(x_ptr, nw_ptr, eps, D, BLOCK_D, NORM)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    g, _ = cats(tl.sum(w.to(tl.float32) * x[None, :], axis=1), thr_ptr, rows < F, SPARSE)
     acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    js = tl.arange(0, BLOCK_J)
-    j = kept_neurons(lo + js, lo + js < hi, counts, ends, idx_ptr, CAP)
-    for p0 in range(lo, hi, BLOCK_J):
-        ok = p0 + js < hi
-        w_up = tl.load(w_up_ptr + j[:, None] * D + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-        w_down = tl.load(w_down_t_ptr + j[:, None] * D + ds[None, :], mask=ok[:, None] & d_ok[None, :], other=0.0)
-        g = tl.load(g_ptr + j, mask=ok, other=0.0)
-        # the next ids while this tile's rows are in flight (loading the next rows too, into registers,
-        # measured 3 us slower: KERNEL_LOG.md)
-        j_next = kept_neurons(p0 + BLOCK_J + js, p0 + BLOCK_J + js < hi, counts, ends, idx_ptr, CAP)
+    block = pid
+    # g, not the keep mask, is carried from step to step (triton 3.6 fails to compile a loop that carries
+    # a bool tensor): g == 0 where the neuron was dropped, and a kept neuron whose g is exactly 0 adds 0
+    while block < tl.cdiv(F, BLOCK_N):
+        rows = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        keep = (g != 0)[:, None] & d_ok[None, :]
+        w_up = tl.load(w_up_ptr + rows[:, None] * D + ds[None, :], mask=keep, other=0.0)
+        w_down = tl.load(w_down_t_ptr + rows[:, None] * D + ds[None, :], mask=keep, other=0.0)
+        w_after = weight_rows(w_gate_ptr, block + 2 * P, F, D, BLOCK_N, BLOCK_D)
+        rows_next = rows + P * BLOCK_N
+        g_next, _ = cats(tl.sum(w_next.to(tl.float32) * x[None, :], axis=1), thr_ptr, rows_next < F, SPARSE)
         h = g * tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
         acc += tl.sum(h[:, None] * w_down.to(tl.float32), axis=0)
-        j = j_next
-    tl.store(part_ptr + tl.program_id(0) * D + ds, acc, mask=d_ok)
+        block, g, w_next = block + P, g_next, w_after
+    tl.store(part_ptr + pid * D + ds, acc, mask=d_ok)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -420,7 +395,7 @@ def attention_kernel(qkv_ptr, k_cache_ptr, v_cache_ptr, pos_ptr, inv_freq_ptr, m
 # programs to keep every SM busy with loads in flight, few enough that each reads a sizeable chunk.
 
 def gemv_config(D: int, N: int) -> dict:
-    """gemv_kernel and gate_kernel: blocks of 2 whole rows, 4 programs an SM of the H200's 132. What a
+    """gemv_kernel: blocks of 2 whole rows, 4 programs an SM of the H200's 132. What a
     kernel boundary costs (`bench.py chain`, session 13): 0.8 us for W_o and 1.5 for a W_gate of
     Llama-2-7B, where blocks of 4 rows in 264 programs of 8 warps lost 1.9 on W_gate; in one decode
     run, CATS 0.5 came out above both runs of that configuration on both 7B shapes. Up to d = 8192 a
@@ -428,17 +403,19 @@ def gemv_config(D: int, N: int) -> dict:
     return dict(BLOCK_N=max(1, min(2, 16384 // triton.next_power_of_2(D))), programs=528, num_warps=4)
 
 
-def gate_config(D: int, F: int) -> dict:
-    return gemv_config(D, F)
-
-
-def up_down_config(D: int, F: int) -> dict:
-    """At most two programs an SM: at d = 4096 a program of 8 warps takes 122 registers a thread, about
-    half of an SM's. 256 programs, not 2 x 132: a decode step measured Mistral-7B dense 1.3-1.7% faster,
-    CATS 0.5 0.5-0.6% (Llama-2-7B) and 0.1-0.4% (Mistral-7B) faster, Llama-2-7B dense 0.1-0.2% slower;
-    224-260 programs, or shares cut at whole 2-neuron steps, did no better (KERNEL_LOG.md, session 16).
-    4 neurons a step made dense decode 9% slower (14-16% with 198 programs; session 14)."""
-    return dict(BLOCK_J=2, programs=256, num_warps=8 if D >= 4096 else 4)
+def mlp_config(D: int, F: int, sparse: bool) -> dict:
+    """mlp_kernel. From d = 4096: blocks of 2 neurons (1 past d = 8192, as in gemv_config), two programs
+    of 8 warps an SM (125-128 registers a thread at d = 4096). Measured against it in the decode step
+    (session 17): 264 programs of 16 warps with registers capped at 64, 0.4-0.9% slower; 396 programs of
+    8 warps with 1 neuron a block, 2-3.4% slower; 16 warps uncapped (one program an SM), 20-33% slower.
+    Below d = 4096, as for SmolLM2-135M (d = 576, ffn = 1536), launch-bound, the fastest dense step (1
+    neuron a block, 528 programs) and the fastest CATS step (one block of 2 a program) differ, so each
+    mode takes its own: the 7B configuration was 8% slower dense and 11% slower CATS there."""
+    if D >= 4096:
+        return dict(BLOCK_N=max(1, min(2, 16384 // triton.next_power_of_2(D))), programs=264, num_warps=8)
+    if sparse:
+        return dict(BLOCK_N=2, programs=triton.cdiv(F, 2), num_warps=4)
+    return dict(BLOCK_N=1, programs=528, num_warps=4)
 
 
 def gate_up_config(B: int, D: int, F: int) -> dict:
@@ -454,7 +431,7 @@ def down_config(B: int, D: int, F: int, block_d=256, block_j=32, programs=1024) 
 
 
 def reduce_config(P: int, N: int) -> dict:
-    """up_down's partial rows, 64 a step: 264 of them took 2.1 us in 5 steps, 2.8 in 17; 256 in 1 or 2
+    """The MLP's partial rows, 64 a step: 264 of them took 2.1 us in 5 steps, 2.8 in 17; 256 in 1 or 2
     steps made decode no faster (session 16)."""
     return dict(BLOCK=16, BLOCK_P=64, num_warps=8)
 
@@ -478,43 +455,22 @@ def linear_config(B: int, D: int, N: int) -> dict:
 # nw (with eps): fold RMSNorm with weight nw into the kernel's input; the kernels never read an absent
 # norm weight or residual, so x stands in for their pointers then.
 
-def gate(x: Tensor, w_gate: Tensor, threshold: Optional[Tensor], nw=None, eps=0.0, out=None) -> tuple[Tensor, Tensor, Tensor]:
-    """One token: (g [F] fp32, idx, cnt) as gate_kernel writes them."""
+def mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold: Optional[Tensor], nw=None, eps=0.0,
+        part=None) -> Tensor:
+    """One token: partial outputs [programs, d] fp32, one per program of mlp_kernel."""
     D, F = x.shape[-1], w_gate.shape[0]
-    c = gate_config(D, F)
-    programs, cap = gate_lists(c, F)
-    g, idx, cnt = out or (torch.empty(F, device=x.device, dtype=torch.float32),
-                          torch.empty(programs * cap, device=x.device, dtype=torch.int32),
-                          torch.empty(programs, device=x.device, dtype=torch.int32))
-    gate_kernel[(programs,)](x, x if nw is None else nw, eps, w_gate, x if threshold is None else threshold, g, idx, cnt,
-                             D, F, cap, BLOCK_N=c["BLOCK_N"], BLOCK_D=triton.next_power_of_2(D), NORM=nw is not None,
-                             SPARSE=threshold is not None, num_warps=c["num_warps"], **LAUNCH)
-    return g, idx, cnt
-
-
-def gate_lists(c: dict, F: int) -> tuple[int, int]:
-    """gate_kernel's programs under configuration c, and the room for each one's list of kept neurons
-    (all of its rows)."""
-    programs = gemv_programs(c, F)
-    return programs, triton.cdiv(triton.cdiv(F, c["BLOCK_N"]), programs) * c["BLOCK_N"]
+    c = mlp_config(D, F, threshold is not None)
+    programs = min(c["programs"], triton.cdiv(F, c["BLOCK_N"]))
+    part = torch.empty((programs, D), device=x.device, dtype=torch.float32) if part is None else part
+    mlp_kernel[(programs,)](x, x if nw is None else nw, eps, w_gate, w_up, w_down_t, x if threshold is None else threshold,
+                            part, D, F, BLOCK_N=c["BLOCK_N"], BLOCK_D=triton.next_power_of_2(D), NORM=nw is not None,
+                            SPARSE=threshold is not None, num_warps=c["num_warps"], **LAUNCH)
+    return part
 
 
 def gemv_programs(c: dict, N: int) -> int:
-    """gemv_kernel's and gate_kernel's grid over N rows: c's programs, or one a block if there are fewer."""
+    """gemv_kernel's grid over N rows: c's programs, or one a block if there are fewer."""
     return min(c["programs"], triton.cdiv(N, c["BLOCK_N"]))
-
-
-def up_down(x: Tensor, w_up: Tensor, w_down_t: Tensor, g: Tensor, idx: Tensor, cnt: Tensor, nw=None, eps=0.0,
-            part=None) -> Tensor:
-    """One token: partial outputs [programs, d] fp32 over the kept neurons."""
-    D, F = x.shape[-1], w_up.shape[0]
-    c = up_down_config(D, F)
-    part = torch.empty((c["programs"], D), device=x.device, dtype=torch.float32) if part is None else part
-    up_down_kernel[(c["programs"],)](x, x if nw is None else nw, eps, w_up, w_down_t, g, idx, cnt, part, D, cnt.numel(),
-                                     BLOCK_J=c["BLOCK_J"], BLOCK_D=triton.next_power_of_2(D),
-                                     BLOCK_NB=triton.next_power_of_2(cnt.numel()), CAP=idx.numel() // cnt.numel(),
-                                     NORM=nw is not None, num_warps=c["num_warps"], **LAUNCH)
-    return part
 
 
 def gate_up(x: Tensor, w_gate: Tensor, w_up: Tensor, threshold: Optional[Tensor], nw=None, eps=0.0, h: Tensor = None) -> Tensor:
@@ -591,7 +547,7 @@ def cats_mlp_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, t
         raise ValueError(f"the residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
     out = torch.empty_like(x)
     if x.shape[0] == 1:
-        return reduce(up_down(x, w_up, w_down_t, *gate(x, w_gate, threshold, nw, eps), nw, eps), out, residual)
+        return reduce(mlp(x, w_gate, w_up, w_down_t, threshold, nw, eps), out, residual)
     return reduce(down(gate_up(x, w_gate, w_up, threshold, nw, eps), w_down_t), out, residual)
 
 

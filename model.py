@@ -310,7 +310,7 @@ class Transformer(nn.Module):
         return self.output(self.norm(x))
 
     def decode(self, x: Tensor, input_pos: Tensor) -> Tensor:
-        """The decode step through kernel.py (see use_kernels): 6 kernels per layer, where the PyTorch
+        """The decode step through kernel.py (see use_kernels): 5 kernels per layer, where the PyTorch
         path launches a dozen or more small ones, and attention reads only the filled cache positions."""
         from kernel import linear
         for layer in self.layers:

@@ -1030,8 +1030,7 @@ def big_blocks(monkeypatch):
     """The interpreter pays per program, not per byte: on CPU, the 7B shape runs the same code with
     fewer, larger blocks."""
     monkeypatch.setattr(kernel, "gemv_config", lambda D, N: dict(BLOCK_N=256, programs=8, num_warps=4))
-    monkeypatch.setattr(kernel, "gate_config", lambda D, F: dict(BLOCK_N=256, programs=8, num_warps=4))
-    monkeypatch.setattr(kernel, "up_down_config", lambda D, F: dict(BLOCK_J=64, programs=6, num_warps=4))
+    monkeypatch.setattr(kernel, "mlp_config", lambda D, F, sparse: dict(BLOCK_N=256, programs=6, num_warps=4))
     monkeypatch.setattr(kernel, "gate_up_config", lambda *_: dict(BLOCK_N=512, BLOCK_K=1024, num_warps=4, num_stages=3))
     monkeypatch.setattr(kernel, "down_config", lambda B, D, F: dict(BLOCK_D=1024, BLOCK_J=1024, ROWS_PER_PROG=4096,
                                                                     SPLITS=triton.cdiv(F, 4096), num_warps=4, num_stages=3))
@@ -1061,14 +1060,13 @@ def test_cats_mlp_kernels_match_fp64_reference(d, ffn, B, dtype, monkeypatch):
         h_ref = kernel.gate_up_reference(*ref_args[:3], t)
         # each stage on its own, its output poisoned before the launch
         if B == 1:
-            programs, cap = kernel.gate_lists(kernel.gate_config(d, ffn), ffn)
-            idx = torch.full((programs * cap,), -7, device=KDEV, dtype=torch.int32)
-            g, idx, cnt = kernel.gate(x, w_gate, t, out=(poisoned(ffn), idx, torch.full((programs,), -7, device=KDEV, dtype=torch.int32)))
-            assert rel_err(g, g_ref[0]) < TOL[dtype] if active > 0 else (g == 0).all()
-            kept = torch.cat([idx[b * cap: b * cap + cnt[b]] for b in range(programs)]).cpu()  # every program's list
-            torch.testing.assert_close(kept.sort().values.long(), need_ref.nonzero().flatten().cpu())  # each once
-            part = kernel.up_down(x, w_up, w_down_t, g, idx, cnt,
-                                  part=poisoned(kernel.up_down_config(d, ffn)["programs"], d))
+            # the rows of dropped neurons poisoned too: the kernel must not read them
+            dropped = ~need_ref.to(KDEV)
+            w_up_p, w_down_p = w_up.clone(), w_down_t.clone()
+            w_up_p[dropped], w_down_p[dropped] = float("nan"), float("nan")
+            c = kernel.mlp_config(d, ffn, sparse=True)
+            part = kernel.mlp(x, w_gate, w_up_p, w_down_p, t,
+                              part=poisoned(min(c["programs"], triton.cdiv(ffn, c["BLOCK_N"])), d))
         else:
             h = kernel.gate_up(x, w_gate, w_up, t, h=poisoned(B, ffn))
             assert rel_err(h, h_ref) < TOL[dtype] if active > 0 else (h == 0).all()
@@ -1109,8 +1107,8 @@ def norm_weight(d, seed):
 @pytest.mark.parametrize("d,ffn,B,dtype", [(37, 53, 1, torch.float32), (37, 53, 5, torch.float16), (576, 1536, 1, torch.bfloat16),
                                            (1000, 2750, 3, torch.bfloat16), (4096, 11008, 1, torch.bfloat16)])
 def test_cats_mlp_with_norm_and_residual_matches_fp64_reference(d, ffn, B, dtype, monkeypatch):
-    """The decode layer's `h + mlp(RMSNorm(h))` in one call: the norm folded into gate (and up_down),
-    the residual into reduce; each stage's output poisoned before its launch."""
+    """The decode layer's `h + mlp(RMSNorm(h))` in one call: the norm folded into the MLP kernel (or
+    gate_up), the residual into reduce; each stage's output poisoned before its launch."""
     if KDEV == "cpu" and d * ffn > 4e6:
         big_blocks(monkeypatch)
     x_of, ws = mlp_weights(d, ffn, dtype, seed=d + B + 1)
@@ -1119,9 +1117,8 @@ def test_cats_mlp_with_norm_and_residual_matches_fp64_reference(d, ffn, B, dtype
     normed = kernel.rms_norm_reference(ref[0], ref[4], 1e-5)
     t = kernel.as_threshold(threshold_in_gap(normed, ws[0], 0.5), KDEV)
     if B == 1:
-        g, idx, cnt = kernel.gate(x, ws[0], t, nw, 1e-5)
-        assert rel_err(g, kernel.gate_reference(normed, ref[1], t)[0][0]) < TOL[dtype]
-        part = kernel.up_down(x, ws[1], ws[2], g, idx, cnt, nw, 1e-5, part=poisoned(kernel.up_down_config(d, ffn)["programs"], d))
+        c = kernel.mlp_config(d, ffn, sparse=True)
+        part = kernel.mlp(x, *ws, t, nw, 1e-5, part=poisoned(min(c["programs"], triton.cdiv(ffn, c["BLOCK_N"])), d))
     else:
         h = kernel.gate_up(x, ws[0], ws[1], t, nw, 1e-5, h=poisoned(B, ffn))
         assert rel_err(h, kernel.gate_up_reference(normed, ref[1], ref[2], t)) < TOL[dtype]
