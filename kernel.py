@@ -174,10 +174,10 @@ def mlp_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, w_up_ptr, w_down_t_ptr, thr_ptr, 
     by masked loads: a dropped neuron's rows move no bytes. A block's up/down rows can only be asked for
     once its gate is known, so the loop is skewed to keep HBM busy meanwhile: it asks for block b's
     up/down rows and block b + 2's gate rows, then sums block b + 1's gate (its rows arrived during the
-    last step), then finishes block b. Unskewed, a step was one round trip whatever its bytes, and CATS
-    0.5 hardly beat dense. Skewed, a decode step was 6-7% (dense) and 4% (CATS 0.5) shorter than with
-    v4's gate, compaction and up_down kernels, whose kernel boundary it also removes (KERNEL_LOG.md,
-    session 17)."""
+    last step), then finishes block b. Unskewed, a step was one round trip whatever its bytes, and the
+    CATS 0.5 decode step came out longer than with v4's kernels. Skewed, a decode step was 6-7% (dense)
+    and 4% (CATS 0.5) shorter than with v4's gate, compaction and up_down kernels, whose kernel boundary
+    it also removes (KERNEL_LOG.md, session 17)."""
     pid, P = tl.program_id(0), tl.num_programs(0)
     w = weight_rows(w_gate_ptr, pid, F, D, BLOCK_N, BLOCK_D)  # weights: read before the wait
     wait_for_previous_kernel()
@@ -405,12 +405,13 @@ def gemv_config(D: int, N: int) -> dict:
 
 def mlp_config(D: int, F: int, sparse: bool) -> dict:
     """mlp_kernel. From d = 4096: blocks of 2 neurons (1 past d = 8192, as in gemv_config), two programs
-    of 8 warps an SM (125-128 registers a thread at d = 4096). Measured against it in the decode step
-    (session 17): 264 programs of 16 warps with registers capped at 64, 0.4-0.9% slower; 396 programs of
-    8 warps with 1 neuron a block, 2-3.4% slower; 16 warps uncapped (one program an SM), 20-33% slower.
-    Below d = 4096, as for SmolLM2-135M (d = 576, ffn = 1536), launch-bound, the fastest dense step (1
-    neuron a block, 528 programs) and the fastest CATS step (one block of 2 a program) differ, so each
-    mode takes its own: the 7B configuration was 8% slower dense and 11% slower CATS there."""
+    of 8 warps an SM (125-128 registers a thread at d = 4096). Against it in the decode step (session
+    17, same process): 264 programs of 16 warps with registers capped at 64, steps 0.4-0.9% longer; 396
+    programs of 8 warps with 1 neuron a block, 1.8-3.4% longer. With 16 warps uncapped (one program an
+    SM) steps were 12-27% longer than with v4's kernels. Below d = 4096, as for SmolLM2-135M (d = 576,
+    ffn = 1536), launch-bound, the fastest dense step (1 neuron a block, 528 programs) and the fastest
+    CATS step (one block of 2 a program) differ, so each mode takes its own: the 7B configuration gave
+    8% (dense) and 11% (CATS) fewer tok/s there."""
     if D >= 4096:
         return dict(BLOCK_N=max(1, min(2, 16384 // triton.next_power_of_2(D))), programs=264, num_warps=8)
     if sparse:
