@@ -456,22 +456,22 @@ def linear_config(B: int, D: int, N: int) -> dict:
 # nw (with eps): fold RMSNorm with weight nw into the kernel's input; the kernels never read an absent
 # norm weight or residual, so x stands in for their pointers then.
 
+def persistent_programs(c: dict, N: int) -> int:
+    """gemv_kernel's and mlp_kernel's grid over N rows: c's programs, or one a block if there are fewer."""
+    return min(c["programs"], triton.cdiv(N, c["BLOCK_N"]))
+
+
 def mlp(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, threshold: Optional[Tensor], nw=None, eps=0.0,
         part=None) -> Tensor:
     """One token: partial outputs [programs, d] fp32, one per program of mlp_kernel."""
     D, F = x.shape[-1], w_gate.shape[0]
     c = mlp_config(D, F, threshold is not None)
-    programs = min(c["programs"], triton.cdiv(F, c["BLOCK_N"]))
+    programs = persistent_programs(c, F)
     part = torch.empty((programs, D), device=x.device, dtype=torch.float32) if part is None else part
     mlp_kernel[(programs,)](x, x if nw is None else nw, eps, w_gate, w_up, w_down_t, x if threshold is None else threshold,
                             part, D, F, BLOCK_N=c["BLOCK_N"], BLOCK_D=triton.next_power_of_2(D), NORM=nw is not None,
                             SPARSE=threshold is not None, num_warps=c["num_warps"], **LAUNCH)
     return part
-
-
-def gemv_programs(c: dict, N: int) -> int:
-    """gemv_kernel's grid over N rows: c's programs, or one a block if there are fewer."""
-    return min(c["programs"], triton.cdiv(N, c["BLOCK_N"]))
 
 
 def gate_up(x: Tensor, w_gate: Tensor, w_up: Tensor, threshold: Optional[Tensor], nw=None, eps=0.0, h: Tensor = None) -> Tensor:
@@ -562,7 +562,7 @@ def linear_triton(x: Tensor, w: Tensor, nw=None, eps=0.0, residual=None, out=Non
     args = (x, x if nw is None else nw, eps, w, x if residual is None else residual, y)
     if B == 1:
         c = gemv_config(D, N)
-        gemv_kernel[(gemv_programs(c, N),)](
+        gemv_kernel[(persistent_programs(c, N),)](
             *args, D, N, BLOCK_N=c["BLOCK_N"], BLOCK_D=triton.next_power_of_2(D), NORM=nw is not None,
             RESIDUAL=residual is not None, num_warps=c["num_warps"], **LAUNCH)
         return y

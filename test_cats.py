@@ -1064,9 +1064,8 @@ def test_cats_mlp_kernels_match_fp64_reference(d, ffn, B, dtype, monkeypatch):
             dropped = ~need_ref.to(KDEV)
             w_up_p, w_down_p = w_up.clone(), w_down_t.clone()
             w_up_p[dropped], w_down_p[dropped] = float("nan"), float("nan")
-            c = kernel.mlp_config(d, ffn, sparse=True)
-            part = kernel.mlp(x, w_gate, w_up_p, w_down_p, t,
-                              part=poisoned(min(c["programs"], triton.cdiv(ffn, c["BLOCK_N"])), d))
+            programs = kernel.persistent_programs(kernel.mlp_config(d, ffn, sparse=True), ffn)
+            part = kernel.mlp(x, w_gate, w_up_p, w_down_p, t, part=poisoned(programs, d))
         else:
             h = kernel.gate_up(x, w_gate, w_up, t, h=poisoned(B, ffn))
             assert rel_err(h, h_ref) < TOL[dtype] if active > 0 else (h == 0).all()
@@ -1117,8 +1116,8 @@ def test_cats_mlp_with_norm_and_residual_matches_fp64_reference(d, ffn, B, dtype
     normed = kernel.rms_norm_reference(ref[0], ref[4], 1e-5)
     t = kernel.as_threshold(threshold_in_gap(normed, ws[0], 0.5), KDEV)
     if B == 1:
-        c = kernel.mlp_config(d, ffn, sparse=True)
-        part = kernel.mlp(x, *ws, t, nw, 1e-5, part=poisoned(min(c["programs"], triton.cdiv(ffn, c["BLOCK_N"])), d))
+        programs = kernel.persistent_programs(kernel.mlp_config(d, ffn, sparse=True), ffn)
+        part = kernel.mlp(x, *ws, t, nw, 1e-5, part=poisoned(programs, d))
     else:
         h = kernel.gate_up(x, ws[0], ws[1], t, nw, 1e-5, h=poisoned(B, ffn))
         assert rel_err(h, kernel.gate_up_reference(normed, ref[1], ref[2], t)) < TOL[dtype]
