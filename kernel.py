@@ -11,7 +11,9 @@ One token (B = 1): one pass over the neurons, reading only what is needed.
      it) and the threshold compare, then the kept neurons' W_up and w_down_t rows, both contiguous
      (masked loads: a dropped neuron's rows move no bytes): h = g * (W_up[j] . x), out += h *
      w_down_t[j]. Each program owns a fixed set of blocks and writes one fp32 partial output. The loop
-     is skewed so that HBM has the next blocks' rows to fetch while one block's gate is summed.
+     is skewed so that HBM has the next blocks' rows to fetch while one block's gate is summed, and a
+     block whose neurons were all dropped skips its arithmetic too (the loop issues about as many
+     instructions as it waits for memory).
      (v2 masked without the skew, and its time hardly fell with sparsity; v3-v4 gathered the kept
      neurons into one list at a kernel boundary and shared them out evenly, which cost dense and CATS
      more than the skewed pass; KERNEL_LOG.md.)
@@ -202,8 +204,7 @@ def mlp_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, w_up_ptr, w_down_t_ptr, thr_ptr, 
         w_after = weight_rows(w_gate_ptr, block + 2 * P, F, D, BLOCK_N, BLOCK_D)
         rows_next = rows + P * BLOCK_N
         g_next, _ = cats(tl.sum(w_next.to(tl.float32) * x[None, :], axis=1), t, rows_next < F, SPARSE)
-        # a block whose neurons were all dropped skips the arithmetic too, not only the bytes: a step
-        # costs about as much instruction issue as it waits for memory (KERNEL_LOG.md, session 18)
+        # all of the block dropped: skip the arithmetic too, not only the bytes (see the docstring)
         kept = tl.sum((g != 0).to(tl.int32), axis=0) > 0 if SPARSE else True
         if kept:
             h = g * tl.sum(w_up.to(tl.float32) * x[None, :], axis=1)
