@@ -422,7 +422,7 @@ def mlp_config(D: int, F: int, sparse: bool) -> dict:
     CATS step (one block of 2 a program) differ, so each mode takes its own: the 7B configuration gave
     8% (dense) and 11% (CATS) fewer tok/s there."""
     if D >= 4096:
-        return dict(BLOCK_N=max(1, min(2, 16384 // triton.next_power_of_2(D))), programs=264, num_warps=8)
+        return dict(gemv_config(D, F), programs=264, num_warps=8)
     if sparse:
         return dict(BLOCK_N=2, programs=triton.cdiv(F, 2), num_warps=4)
     return dict(BLOCK_N=1, programs=528, num_warps=4)
