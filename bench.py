@@ -3,6 +3,7 @@
     python bench.py mlp                  # MLP: cuBLAS dense vs cats_mlp, sparsity 0-0.9, batch 1-8
     python bench.py linear               # kernel.linear vs cuBLAS for the other decode projections
     python bench.py chain                # what a kernel boundary costs a chain of one-token GEMVs
+    python bench.py floor                # one-token cats_mlp vs only reading its bytes (masks known)
     python bench.py decode               # whole model: tok/s dense vs CATS 0.5 / 0.7, 256 tokens
     python bench.py decode --ckpt DIR    # the same on a real checkpoint
     CATS_PDL=0 python bench.py profile   # where a compiled decode step's time goes, kernel by kernel
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 
 import kernel
 from generate import read_bandwidth
@@ -254,6 +256,94 @@ def bench_chain(args):
                   f"{tbs[0]:>6.2f} / {tbs[1]:.2f}  (read ceiling {bw / 1e12:.2f})", flush=True)
 
 
+@triton.jit
+def word_rows(w_ptr, rows, ok, D, BLOCK_W: tl.constexpr):
+    """Rows `rows` (where ok) of bf16 w [*, D] as int32 words, two bf16 each."""
+    ws = tl.arange(0, BLOCK_W)
+    words = w_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + rows[:, None] * (D // 2) + ws[None, :]
+    return tl.load(words, mask=ok[:, None] & (ws < D // 2)[None, :], other=0)
+
+
+@triton.jit
+def read_rows_kernel(keep_ptr, w_gate_ptr, w_up_ptr, w_down_t_ptr, out_ptr, D, F, BLOCK_N: tl.constexpr,
+                     BLOCK_W: tl.constexpr):
+    """What bounds the one-token CATS MLP if not its arithmetic: read what mlp_kernel reads (every W_gate
+    row; the W_up and w_down_t rows of neurons with keep != 0, a mask given in advance, not computed),
+    in its programs and blocks, each block asked for while the one before is folded into an OR (next to
+    no arithmetic; the mask a block further ahead). out[pid] [BLOCK_N, D / 2] = the OR of every word
+    program pid read, row by row, so that no load can be optimised away."""
+    pid, P = tl.program_id(0), tl.num_programs(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = tl.load(keep_ptr + rows, mask=rows < F, other=0) != 0
+    g, u, d = (word_rows(w_gate_ptr, rows, rows < F, D, BLOCK_W), word_rows(w_up_ptr, rows, keep, D, BLOCK_W),
+               word_rows(w_down_t_ptr, rows, keep, D, BLOCK_W))
+    rows += P * BLOCK_N
+    keep = tl.load(keep_ptr + rows, mask=rows < F, other=0) != 0
+    acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
+    for _ in range(pid, tl.cdiv(F, BLOCK_N), P):
+        g_next = word_rows(w_gate_ptr, rows, rows < F, D, BLOCK_W)
+        u_next = word_rows(w_up_ptr, rows, keep, D, BLOCK_W)
+        d_next = word_rows(w_down_t_ptr, rows, keep, D, BLOCK_W)
+        rows += P * BLOCK_N
+        keep = tl.load(keep_ptr + rows, mask=rows < F, other=0) != 0
+        acc |= g | u | d
+        g, u, d = g_next, u_next, d_next
+    ws = tl.arange(0, BLOCK_W)
+    out = out_ptr + pid * BLOCK_N * (D // 2) + tl.arange(0, BLOCK_N)[:, None] * (D // 2) + ws[None, :]
+    tl.store(out, acc, mask=(ws < D // 2)[None, :])
+
+
+def read_rows(keep: torch.Tensor, w_gate, w_up, w_down_t, out=None) -> torch.Tensor:
+    """read_rows_kernel on mlp_kernel's grid (CATS mode): [programs, BLOCK_N, d / 2] int32."""
+    (F_, D), c = w_gate.shape, kernel.mlp_config(w_gate.shape[1], w_gate.shape[0], True)
+    if D % 2:
+        raise ValueError(f"read_rows reads bf16 rows as int32 words: d must be even, got {D}")
+    programs = kernel.persistent_programs(c, F_)
+    out = torch.empty((programs, c["BLOCK_N"], D // 2), device=keep.device, dtype=torch.int32) if out is None else out
+    read_rows_kernel[(programs,)](keep, w_gate, w_up, w_down_t, out, D, F_, BLOCK_N=c["BLOCK_N"],
+                                  BLOCK_W=triton.next_power_of_2(D // 2), num_warps=c["num_warps"])
+    return out
+
+
+def read_rows_reference(keep, w_gate, w_up, w_down_t, programs, block_n) -> torch.Tensor:
+    """What read_rows returns, in plain PyTorch: round r gives program p its block r * programs + p."""
+    F_, D = w_gate.shape
+    blocks = triton.cdiv(F_, block_n)
+    pad = lambda t: torch.cat([t, t.new_zeros((blocks * block_n - F_,) + t.shape[1:])])  # noqa: E731
+    gate, up, down = (pad(w.contiguous().view(torch.int32)).view(blocks, block_n, D // 2) for w in (w_gate, w_up, w_down_t))
+    kept = pad(keep.bool()).view(blocks, block_n, 1)
+    fold = gate | torch.where(kept, up | down, 0)
+    out = torch.zeros((programs, block_n, D // 2), dtype=torch.int32, device=keep.device)
+    for first in range(0, blocks, programs):
+        n = min(programs, blocks - first)
+        out[:n] |= fold[first: first + n]
+    return out
+
+
+def bench_floor(args):
+    """The one-token CATS MLP against only reading its bytes: read_rows_kernel with the same keep mask as
+    the threshold gives, in the same programs and blocks. What the MLP takes beyond it is its own
+    arithmetic and the wait for each block's gate before its rows can be asked for."""
+    bw = ceilings()
+    print(f"{'shape':<11} {'target':>6} {'kept':>6} {'cats_mlp us':>11} {'read only us':>12} {'bytes at ceiling us':>19} "
+          f"{'read % of ceiling':>17}")
+    for name in args.shapes:
+        d, ffn = SHAPES[name][:2]
+        ws = [random_mlp(d, ffn) for _ in range(N_COPIES)]
+        x = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
+        g = F.silu(x.float() @ ws[0][0].float().T)[0].abs()
+        for s in args.sparsity:
+            t = threshold_for(x, ws[0][0], s)
+            keep = (g > t).to(torch.int8)
+            mlp_us = bench_us(rotating(lambda a, b, c: cats_mlp(x, a, b, c, t), ws)) / len(ws)
+            read_us = bench_us(rotating(lambda a, b, c: read_rows(keep, a, b, c), ws)) / len(ws)
+            floor_us = d * ffn * 2 * (1 + 2 * keep.float().mean().item()) / bw * 1e6
+            print(f"{name:<11} {s:>6.2f} {keep.float().mean().item():>6.3f} {mlp_us:>11.1f} {read_us:>12.1f} "
+                  f"{floor_us:>19.1f} {100 * floor_us / read_us:>16.1f}%", flush=True)
+        del ws
+        torch.cuda.empty_cache()
+
+
 def bench_check(args):
     """cats_mlp and linear on the GPU against fp64, fresh random inputs, 0% / ~50% / 100% active."""
     torch.manual_seed(0)
@@ -433,7 +523,7 @@ def bench_profile(args):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["mlp", "linear", "chain", "decode", "profile", "sweep", "check"])
+    p.add_argument("mode", choices=["mlp", "linear", "chain", "floor", "decode", "profile", "sweep", "check"])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     p.add_argument("--batch", nargs="+", type=int, default=[1, 2, 4, 8])
     p.add_argument("--sparsity", nargs="+", type=float, default=[0.0, 0.3, 0.5, 0.7, 0.9])
@@ -461,7 +551,7 @@ def main(argv=None):
         if not torch.cuda.is_available():
             raise SystemExit("error: bench.py needs a CUDA GPU")
         print(f"{torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | bf16")
-        {"mlp": bench_mlp, "linear": bench_linear, "chain": bench_chain, "decode": bench_decode, "profile": bench_profile,
+        {"mlp": bench_mlp, "linear": bench_linear, "chain": bench_chain, "floor": bench_floor, "decode": bench_decode, "profile": bench_profile,
          "sweep": bench_sweep, "check": bench_check}[args.mode](args)
     except CheckpointError as e:
         raise SystemExit(f"error: {e}") from None
