@@ -181,7 +181,10 @@ def mlp_kernel(x_ptr, nw_ptr, eps, w_gate_ptr, w_up_ptr, w_down_t_ptr, thr_ptr, 
     and 4% (CATS 0.5) shorter than with v4's gate, compaction and up_down kernels, whose kernel boundary
     it also removes (KERNEL_LOG.md, session 17). A block whose neurons were all dropped skips the up/down
     arithmetic as well as the bytes: a step issues about as many instructions as it waits for memory, and
-    the skip cut the 90% MLP's time by 18% and the CATS 0.5 decode step's by 0.4-0.6% (session 18)."""
+    the skip cut the 90% MLP's time by 18% and the CATS 0.5 decode step's by 0.4-0.6% (session 18).
+    Asking for rows a step earlier does not overlap that arithmetic: ptxas counts a loop's loads on few
+    scoreboards, and the first use of a row waits for every load on its scoreboard, rows asked for
+    later included (session 19; `bench.py floor` times the bytes alone)."""
     pid, P = tl.program_id(0), tl.num_programs(0)
     w = weight_rows(w_gate_ptr, pid, F, D, BLOCK_N, BLOCK_D)  # weights: read before the wait
     wait_for_previous_kernel()
