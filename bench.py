@@ -267,27 +267,28 @@ def word_rows(w_ptr, rows, ok, D, BLOCK_W: tl.constexpr):
 @triton.jit
 def read_rows_kernel(keep_ptr, w_gate_ptr, w_up_ptr, w_down_t_ptr, out_ptr, D, F, BLOCK_N: tl.constexpr,
                      BLOCK_W: tl.constexpr):
-    """What bounds the one-token CATS MLP if not its arithmetic: read what mlp_kernel reads (every W_gate
-    row; the W_up and w_down_t rows of neurons with keep != 0, a mask given in advance, not computed),
-    in its programs and blocks, each block asked for while the one before is folded into an OR (next to
-    no arithmetic; the mask a block further ahead). out[pid] [BLOCK_N, D / 2] = the OR of every word
-    program pid read, row by row, so that no load can be optimised away."""
+    """The one-token CATS MLP's reads and nothing else: every W_gate row, and the W_up and w_down_t rows
+    of neurons with keep != 0 (a mask given in advance, not computed), in mlp_kernel's programs and
+    blocks. Each block is asked for while the one before is folded into an OR, next to no arithmetic;
+    its keep flags were loaded a step earlier still, so no load waits for another. out[pid] [BLOCK_N,
+    D / 2] = the OR of every word program pid read, row by row, so that no load can be left out."""
     pid, P = tl.program_id(0), tl.num_programs(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     keep = tl.load(keep_ptr + rows, mask=rows < F, other=0) != 0
-    g, u, d = (word_rows(w_gate_ptr, rows, rows < F, D, BLOCK_W), word_rows(w_up_ptr, rows, keep, D, BLOCK_W),
-               word_rows(w_down_t_ptr, rows, keep, D, BLOCK_W))
+    gate = word_rows(w_gate_ptr, rows, rows < F, D, BLOCK_W)
+    up = word_rows(w_up_ptr, rows, keep, D, BLOCK_W)
+    down = word_rows(w_down_t_ptr, rows, keep, D, BLOCK_W)
     rows += P * BLOCK_N
     keep = tl.load(keep_ptr + rows, mask=rows < F, other=0) != 0
     acc = tl.zeros((BLOCK_N, BLOCK_W), dtype=tl.int32)
-    for _ in range(pid, tl.cdiv(F, BLOCK_N), P):
-        g_next = word_rows(w_gate_ptr, rows, rows < F, D, BLOCK_W)
-        u_next = word_rows(w_up_ptr, rows, keep, D, BLOCK_W)
-        d_next = word_rows(w_down_t_ptr, rows, keep, D, BLOCK_W)
+    for block in range(pid, tl.cdiv(F, BLOCK_N), P):  # rows: block + P's, read while block's are folded
+        gate_next = word_rows(w_gate_ptr, rows, rows < F, D, BLOCK_W)
+        up_next = word_rows(w_up_ptr, rows, keep, D, BLOCK_W)
+        down_next = word_rows(w_down_t_ptr, rows, keep, D, BLOCK_W)
         rows += P * BLOCK_N
         keep = tl.load(keep_ptr + rows, mask=rows < F, other=0) != 0
-        acc |= g | u | d
-        g, u, d = g_next, u_next, d_next
+        acc |= gate | up | down
+        gate, up, down = gate_next, up_next, down_next
     ws = tl.arange(0, BLOCK_W)
     out = out_ptr + pid * BLOCK_N * (D // 2) + tl.arange(0, BLOCK_N)[:, None] * (D // 2) + ws[None, :]
     tl.store(out, acc, mask=(ws < D // 2)[None, :])
@@ -295,9 +296,10 @@ def read_rows_kernel(keep_ptr, w_gate_ptr, w_up_ptr, w_down_t_ptr, out_ptr, D, F
 
 def read_rows(keep: torch.Tensor, w_gate, w_up, w_down_t, out=None) -> torch.Tensor:
     """read_rows_kernel on mlp_kernel's grid (CATS mode): [programs, BLOCK_N, d / 2] int32."""
-    (F_, D), c = w_gate.shape, kernel.mlp_config(w_gate.shape[1], w_gate.shape[0], True)
-    if D % 2:
-        raise ValueError(f"read_rows reads bf16 rows as int32 words: d must be even, got {D}")
+    F_, D = w_gate.shape
+    if D % 2 or not all(w.is_contiguous() for w in (w_gate, w_up, w_down_t)):
+        raise ValueError(f"read_rows reads rows as int32 words: contiguous weights of even d, got d = {D}")
+    c = kernel.mlp_config(D, F_, True)
     programs = kernel.persistent_programs(c, F_)
     out = torch.empty((programs, c["BLOCK_N"], D // 2), device=keep.device, dtype=torch.int32) if out is None else out
     read_rows_kernel[(programs,)](keep, w_gate, w_up, w_down_t, out, D, F_, BLOCK_N=c["BLOCK_N"],
@@ -310,7 +312,7 @@ def read_rows_reference(keep, w_gate, w_up, w_down_t, programs, block_n) -> torc
     F_, D = w_gate.shape
     blocks = triton.cdiv(F_, block_n)
     pad = lambda t: torch.cat([t, t.new_zeros((blocks * block_n - F_,) + t.shape[1:])])  # noqa: E731
-    gate, up, down = (pad(w.contiguous().view(torch.int32)).view(blocks, block_n, D // 2) for w in (w_gate, w_up, w_down_t))
+    gate, up, down = (pad(w.view(torch.int32)).view(blocks, block_n, D // 2) for w in (w_gate, w_up, w_down_t))
     kept = pad(keep.bool()).view(blocks, block_n, 1)
     fold = gate | torch.where(kept, up | down, 0)
     out = torch.zeros((programs, block_n, D // 2), dtype=torch.int32, device=keep.device)
@@ -321,12 +323,14 @@ def read_rows_reference(keep, w_gate, w_up, w_down_t, programs, block_n) -> torc
 
 
 def bench_floor(args):
-    """The one-token CATS MLP against only reading its bytes: read_rows_kernel with the same keep mask as
-    the threshold gives, in the same programs and blocks. What the MLP takes beyond it is its own
-    arithmetic and the wait for each block's gate before its rows can be asked for."""
+    """The one-token CATS MLP against only reading its bytes: read_rows_kernel with the keep mask the
+    threshold gives, in mlp_kernel's programs and blocks. What mlp_kernel takes beyond it is its own
+    arithmetic and its waits; cats_mlp adds reduce_kernel (the partial rows summed) and a launch."""
     bw = ceilings()
-    print(f"{'shape':<11} {'target':>6} {'kept':>6} {'cats_mlp us':>11} {'read only us':>12} {'bytes at ceiling us':>19} "
-          f"{'read % of ceiling':>17}")
+    print(f"{'shape':<11} {'target':>6} {'kept':>6} {'cats_mlp us':>11} {'mlp_kernel us':>13} {'read only us':>12} "
+          f"{'bytes at ceiling us':>19} {'read % of ceiling':>17}")
+    print("(target: the threshold's sparsity; kept: fraction of neurons whose W_up/w_down_t rows are read; cats_mlp "
+          "= mlp_kernel + reduce_kernel; read only: read_rows_kernel, the same bytes with the mask given)")
     for name in args.shapes:
         d, ffn = SHAPES[name][:2]
         ws = [random_mlp(d, ffn) for _ in range(N_COPIES)]
@@ -335,10 +339,12 @@ def bench_floor(args):
         for s in args.sparsity:
             t = threshold_for(x, ws[0][0], s)
             keep = (g > t).to(torch.int8)
+            kept = keep.float().mean().item()
             mlp_us = bench_us(rotating(lambda a, b, c: cats_mlp(x, a, b, c, t), ws)) / len(ws)
+            kernel_us = bench_us(rotating(lambda a, b, c: kernel.mlp(x, a, b, c, t), ws)) / len(ws)
             read_us = bench_us(rotating(lambda a, b, c: read_rows(keep, a, b, c), ws)) / len(ws)
-            floor_us = d * ffn * 2 * (1 + 2 * keep.float().mean().item()) / bw * 1e6
-            print(f"{name:<11} {s:>6.2f} {keep.float().mean().item():>6.3f} {mlp_us:>11.1f} {read_us:>12.1f} "
+            floor_us = d * ffn * 2 * (1 + 2 * kept) / bw * 1e6
+            print(f"{name:<11} {s:>6.2f} {kept:>6.3f} {mlp_us:>11.1f} {kernel_us:>13.1f} {read_us:>12.1f} "
                   f"{floor_us:>19.1f} {100 * floor_us / read_us:>16.1f}%", flush=True)
         del ws
         torch.cuda.empty_cache()

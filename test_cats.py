@@ -1257,18 +1257,19 @@ def test_bench_profile_refuses_a_position_outside_the_kv_cache(monkeypatch):
     (576, 1536, dict(BLOCK_N=4, programs=7, num_warps=4)),
     (4096, 11008, None),  # on the GPU kernel.py's own configuration: 264 programs of 2-neuron blocks
 ])
-def test_bench_floor_reads_exactly_what_the_mlp_reads(d, ffn, config, monkeypatch):
-    """bench.py floor's read-only kernel folds every W_gate row and the W_up / w_down_t rows of kept
-    neurons, in mlp_kernel's programs and blocks, and nothing of a dropped neuron (its rows are all-ones
-    words here, which would show in the OR)."""
+def test_bench_floor_reads_every_gate_row_and_only_kept_up_down_rows(d, ffn, config, monkeypatch):
+    """bench.py floor's read-only kernel, against its reference (program p takes blocks p, p + P, ...,
+    as mlp_kernel does). Each row's words are one bit, chosen by row and matrix, so the OR shows which
+    rows a program read (bits 0-30); a dropped neuron's W_up / w_down_t rows are all ones, bit 31 included,
+    which no OR of the rows that should be read gives."""
     import bench
     if config is None and KDEV == "cpu":
         config = dict(BLOCK_N=64, programs=6, num_warps=4)  # the interpreter pays per program and per step
     if config:
         monkeypatch.setattr(bench.kernel, "mlp_config", lambda D, F, sparse: config)
-    g = torch.Generator().manual_seed(d)
-    w_gate, w_up, w_down_t = (torch.randn(ffn, d, generator=g).to(KDEV, torch.bfloat16) for _ in range(3))
-    keep = (torch.rand(ffn, generator=g) < 0.5).to(KDEV, torch.int8)
+    one_bit = lambda m: (1 << ((3 * torch.arange(ffn) + m) % 31)).to(torch.int32)[:, None].expand(ffn, d // 2)  # noqa: E731
+    w_gate, w_up, w_down_t = (one_bit(m).contiguous().view(torch.bfloat16).to(KDEV) for m in range(3))
+    keep = (torch.rand(ffn, generator=torch.Generator().manual_seed(d)) < 0.5).to(KDEV, torch.int8)
     for w in (w_up, w_down_t):
         w.view(torch.int16)[~keep.bool()] = -1
     c = bench.kernel.mlp_config(d, ffn, True)
@@ -1276,8 +1277,13 @@ def test_bench_floor_reads_exactly_what_the_mlp_reads(d, ffn, config, monkeypatc
     out = torch.full((programs, c["BLOCK_N"], d // 2), 0x5A5A5A5A, device=KDEV, dtype=torch.int32)
     bench.read_rows(keep, w_gate, w_up, w_down_t, out=out)
     assert torch.equal(out, bench.read_rows_reference(keep, w_gate, w_up, w_down_t, programs, c["BLOCK_N"]))
-    with pytest.raises(ValueError, match="d must be even"):
-        bench.read_rows(keep, w_gate[:, :-1], w_up[:, :-1], w_down_t[:, :-1])
+
+
+def test_bench_floor_refuses_odd_d():
+    import bench
+    w = torch.zeros(8, 37, device=KDEV, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="contiguous weights of even d"):
+        bench.read_rows(torch.ones(8, device=KDEV, dtype=torch.int8), w, w, w)
 
 
 def test_dense_threshold_none_keeps_every_neuron():
