@@ -73,9 +73,14 @@ def random_mlp(d, ffn, dtype=torch.bfloat16, device="cuda"):
     return w_gate, w_up, w_down_t
 
 
+def gate_magnitudes(x, w_gate) -> torch.Tensor:
+    """|SiLU(W_gate x)| [B, ffn], what the threshold is compared with."""
+    return F.silu(x.float() @ w_gate.float().T).abs()
+
+
 def threshold_for(x, w_gate, sparsity) -> torch.Tensor:
     """The sparsity-quantile of the actual |SiLU(W_gate x)| (pooled over the batch's tokens)."""
-    g = F.silu(x.float() @ w_gate.float().T).abs().flatten()
+    g = gate_magnitudes(x, w_gate).flatten()
     if sparsity == 0:
         return torch.tensor(-1.0, device=x.device)  # below every |g|: nothing skipped
     return torch.quantile(g[torch.randperm(g.numel(), device=g.device)[:2 ** 24]], sparsity).float()
@@ -83,8 +88,7 @@ def threshold_for(x, w_gate, sparsity) -> torch.Tensor:
 
 def rows_needed(x, w_gate, t) -> float:
     """Fraction of neurons whose W_up / W_down rows some token needs."""
-    g = F.silu(x.float() @ w_gate.float().T).abs()
-    return (g > t).any(0).float().mean().item()
+    return (gate_magnitudes(x, w_gate) > t).any(0).float().mean().item()
 
 
 def bench_mlp(args):
@@ -335,7 +339,7 @@ def bench_floor(args):
         d, ffn = SHAPES[name][:2]
         ws = [random_mlp(d, ffn) for _ in range(N_COPIES)]
         x = torch.randn(1, d, device="cuda", dtype=torch.bfloat16)
-        g = F.silu(x.float() @ ws[0][0].float().T)[0].abs()
+        g = gate_magnitudes(x, ws[0][0])[0]
         for s in args.sparsity:
             t = threshold_for(x, ws[0][0], s)
             keep = (g > t).to(torch.int8)
