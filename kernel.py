@@ -69,7 +69,7 @@ def release_next_kernel():
     """Let the next kernel launch now rather than when this one ends, so that it can load its first
     weights (which no kernel writes) while this one finishes; it still waits for all of this one's
     writes before it reads any of them. Called first by attention (before wo), reduce (before the next
-    q/k/v) and every GEMV (wo, before the MLP; after q/k/v and the LM head it only launches attention
+    q/k/v, at one token) and every GEMV (wo, before the MLP; after q/k/v and the LM head it only launches attention
     or sampling early)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
@@ -263,10 +263,16 @@ def down_kernel(h_ptr, w_down_t_ptr, part_ptr, B, D, F, ROWS_PER_PROG,
 
 
 @triton.jit
-def reduce_kernel(part_ptr, res_ptr, out_ptr, N, P, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, RESIDUAL: tl.constexpr):
+def reduce_kernel(part_ptr, res_ptr, out_ptr, N, P, BLOCK: tl.constexpr, BLOCK_P: tl.constexpr, RESIDUAL: tl.constexpr,
+                  RELEASE: tl.constexpr):
     """out[n] = sum over p of part[p, n], in a fixed order (+ res[n]). [BLOCK_P, BLOCK] tiles keep many
-    loads in flight: adding one partial row at a time is a chain of L2 round trips (11 us in v2)."""
-    release_next_kernel()  # the next layer's q/k/v
+    loads in flight: adding one partial row at a time is a chain of L2 round trips (11 us in v2).
+    RELEASE (one token): the next layer's q/k/v GEMV launches early and loads its first rows meanwhile.
+    At 2-8 tokens the kernel after it waits before it reads anything, so an early launch only takes
+    the SMs' room from this one: cats_mlp at B = 2 took 86.5 us with it and 79.9 without (Llama-2-7B,
+    dense; KERNEL_LOG.md, session 22)."""
+    if RELEASE:
+        release_next_kernel()
     wait_for_previous_kernel()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < N
@@ -511,12 +517,13 @@ def down(h: Tensor, w_down_t: Tensor, part: Tensor = None) -> Tensor:
     return part
 
 
-def reduce(part: Tensor, out: Tensor, residual: Tensor = None) -> Tensor:
-    """out (any float dtype) = part.sum(0) (+ residual), added in a fixed order."""
+def reduce(part: Tensor, out: Tensor, residual: Tensor = None, release=False) -> Tensor:
+    """out (any float dtype) = part.sum(0) (+ residual), added in a fixed order. release: let the next
+    kernel launch before this one ends (one token; see reduce_kernel)."""
     N, P = out.numel(), part.shape[0]
     c = reduce_config(P, N)
     reduce_kernel[(triton.cdiv(N, c["BLOCK"]),)](part, out if residual is None else residual, out, N, P, BLOCK=c["BLOCK"],
-                                                 BLOCK_P=c["BLOCK_P"], RESIDUAL=residual is not None,
+                                                 BLOCK_P=c["BLOCK_P"], RESIDUAL=residual is not None, RELEASE=release,
                                                  num_warps=c["num_warps"], **LAUNCH)
     return out
 
@@ -560,7 +567,7 @@ def cats_mlp_triton(x: Tensor, w_gate: Tensor, w_up: Tensor, w_down_t: Tensor, t
         raise ValueError(f"the residual must have x's shape {list(x.shape)}, got {list(residual.shape)}")
     out = torch.empty_like(x)
     if x.shape[0] == 1:
-        return reduce(mlp(x, w_gate, w_up, w_down_t, threshold, nw, eps), out, residual)
+        return reduce(mlp(x, w_gate, w_up, w_down_t, threshold, nw, eps), out, residual, release=True)
     return reduce(down(gate_up(x, w_gate, w_up, threshold, nw, eps), w_down_t), out, residual)
 
 
