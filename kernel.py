@@ -69,8 +69,8 @@ def release_next_kernel():
     """Let the next kernel launch now rather than when this one ends, so that it can load its first
     weights (which no kernel writes) while this one finishes; it still waits for all of this one's
     writes before it reads any of them. Called first by attention (before wo), reduce (before the next
-    q/k/v, at one token) and every GEMV (wo, before the MLP; after q/k/v and the LM head it only launches attention
-    or sampling early)."""
+    q/k/v, at one token) and every GEMV (wo, before the MLP; after q/k/v and the LM head it only
+    launches attention or sampling early)."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
 
